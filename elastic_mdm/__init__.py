@@ -1,0 +1,30 @@
+"""Elastic Masked Diffusion Models as a native Hugging Face Transformers integration."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .configuration_elastic_mdm import ElasticMDMConfig
+from .generation_elastic_mdm import ElasticMDMGenerateOutput, ElasticMDMGenerationConfig, sample_elastic
+from .modeling_elastic_mdm import ElasticMDMForDiffusionLM, ElasticMDMModel, ElasticMDMOutput
+from .packing import PackedSequences
+from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
+
+AutoConfig.register("elastic_mdm", ElasticMDMConfig)
+AutoModel.register(ElasticMDMConfig, ElasticMDMForDiffusionLM)
+AutoModelForMaskedLM.register(ElasticMDMConfig, ElasticMDMForDiffusionLM)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ElasticMDMConfig",
+    "ElasticMDMModel",
+    "ElasticMDMForDiffusionLM",
+    "ElasticMDMOutput",
+    "ElasticMDMGenerationConfig",
+    "ElasticMDMGenerateOutput",
+    "PackedSequences",
+    "RevealSchedule",
+    "NoiseLevelSampler",
+    "SCHEDULES",
+    "get_schedule",
+    "sample_elastic",
+]

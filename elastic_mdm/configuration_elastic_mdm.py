@@ -1,0 +1,124 @@
+"""Configuration of the Elastic Masked Diffusion Model (DESIGN §4)."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+BLOCK_TYPES = ("dit", "llama")
+AUTO_MAP = {
+    "AutoConfig": "configuration_elastic_mdm.ElasticMDMConfig",
+    "AutoModel": "modeling_elastic_mdm.ElasticMDMForDiffusionLM",
+    "AutoModelForMaskedLM": "modeling_elastic_mdm.ElasticMDMForDiffusionLM",
+}
+
+
+class ElasticMDMConfig(PretrainedConfig):
+    r"""Configuration of an Elastic-MDM: one bidirectional transformer backbone, a token head and a gap-count head.
+
+    Args:
+        vocab_size: Number of token ids, the mask token included.
+        hidden_size: Width `d` of the residual stream.
+        num_hidden_layers: Number of transformer blocks.
+        num_attention_heads: Number of attention heads (`hidden_size` must divide by it).
+        intermediate_size: Hidden width of the MLP (GELU-tanh for `dit`, SwiGLU for `llama`). Default `4 * hidden_size`.
+        max_position_embeddings: Longest active sequence, anchors included (`N_max + 2`).
+        block_type: `"dit"` (MDLM-compatible: weight-only LayerNorm, adaLN, fused QKV, GELU MLP) or
+            `"llama"` (LLaDA-compatible: RMSNorm, separate q/k/v/o, SwiGLU, untied head).
+        time_conditioning: Condition the adaLN modulation on the noise level of the input. When off, the
+            conditioning vector is the constant `silu(time_embed(0))`, as in MDLM.
+        adaln: Use adaLN modulation. Always on for `dit`; optional (zero-initialised, so that a retrofitted model
+            starts as the original) for `llama`.
+        cond_dim: Width of the conditioning vector fed to adaLN.
+        rope_theta: RoPE base.
+        norm_eps: Epsilon of LayerNorm / RMSNorm.
+        max_gap: Largest gap class `N_max`: the gap head predicts a removed count in `0..max_gap`.
+            Default `max_position_embeddings`.
+        gap_head_type: Features of an adjacent pair `(h_a, h_b)` fed to the gap MLP: `"concat"` (`[h_a; h_b]`),
+            `"sum"` (`h_a + h_b`) or `"product"` (`h_a * h_b`).
+        gap_loss_weight: `λ_gap` in `loss = token_loss + λ_gap * gap_loss`.
+        mlp_bias: Bias in the MLP linears (`True` in MDLM's DiT, `False` in LLaDA).
+        head_bias: Bias in the token head (`True` in MDLM's DiT, `False` in LLaDA).
+        tie_word_embeddings: Tie the token head to the input embedding.
+        initializer_range: Std of the normal initialisation.
+        mask_token_id, bos_token_id, eos_token_id, pad_token_id: Special ids. BOS may equal EOS (GPT-2 style).
+    """
+
+    model_type = "elastic_mdm"
+
+    def __init__(
+        self,
+        vocab_size: int = 50258,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        intermediate_size: int | None = None,
+        max_position_embeddings: int = 1024,
+        block_type: str = "dit",
+        time_conditioning: bool = False,
+        adaln: bool | None = None,
+        cond_dim: int = 128,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+        max_gap: int | None = None,
+        gap_head_type: str = "concat",
+        gap_loss_weight: float = 1.0,
+        mlp_bias: bool | None = None,
+        head_bias: bool | None = None,
+        tie_word_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        mask_token_id: int | None = 50257,
+        bos_token_id: int | None = 50256,
+        eos_token_id: int | None = 50256,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f"block_type={block_type!r} is unknown; use one of {BLOCK_TYPES}.")
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} must be a multiple of num_attention_heads={num_attention_heads}."
+            )
+        if gap_head_type not in ("concat", "sum", "product"):
+            raise ValueError(f"gap_head_type={gap_head_type!r} is unknown; use 'concat', 'sum' or 'product'.")
+        is_dit = block_type == "dit"
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.intermediate_size = intermediate_size or 4 * hidden_size
+        self.max_position_embeddings = max_position_embeddings
+        self.block_type = block_type
+        self.time_conditioning = time_conditioning
+        self.adaln = True if is_dit else bool(adaln)
+        self.cond_dim = cond_dim
+        self.rope_theta = rope_theta
+        self.norm_eps = norm_eps
+        self.max_gap = max_position_embeddings if max_gap is None else max_gap
+        self.gap_head_type = gap_head_type
+        self.gap_loss_weight = gap_loss_weight
+        self.mlp_bias = is_dit if mlp_bias is None else mlp_bias
+        self.head_bias = is_dit if head_bias is None else head_bias
+        self.initializer_range = initializer_range
+        self.mask_token_id = mask_token_id
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_gap_classes(self) -> int:
+        """Gap classes `0..max_gap`."""
+        return self.max_gap + 1
+
+
+ElasticMDMConfig.register_for_auto_class()
+
+__all__ = ["ElasticMDMConfig"]

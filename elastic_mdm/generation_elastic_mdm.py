@@ -1,0 +1,460 @@
+"""Variable-length sampling for Elastic-MDM (DESIGN §3, the paper's Alg. 1 made exact).
+
+The sampler works on a packed stream: every sequence of the batch keeps its own active length, nothing is padded
+to a canvas. See `sample_elastic` for the algorithm.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.utils import ModelOutput
+
+from .packing import PackedSequences
+from .schedules import RevealSchedule, get_schedule, reveal_probability
+
+
+class ElasticMDMGenerationConfig(GenerationConfig):
+    """Generation settings of Elastic-MDM, saved with the model as `generation_config.json`.
+
+    Args:
+        num_steps: Number of reverse steps `K` (`K + 1` denoiser passes at most, fewer with caching).
+        schedule: Reveal schedule name (`linear`, `cosine`, `exponential`, `p-linear`, `clipped`).
+        schedule_kwargs: Its parameters (`sigma`, `p`, `beta`, `omega`).
+        gap_temperature: Temperature of the gap-count distribution.
+        gap_do_sample: Sample gap counts (`True`) or take the most likely count (`False`).
+        use_cache: Reuse a sequence's last pass when its input did not change (no fill, no insertion) and the model
+            is not time-conditioned, as MDLM's `ddpm_cache`.
+        output_trajectory: Return the active sequence of every step (`return_dict_in_generate=True`).
+        progress_bar: Show a tqdm bar over the steps.
+        max_length: Safety cap on the total length of a sequence, anchors included (default: the model's
+            `max_position_embeddings`). Sequences that reach it are flagged in `hit_max_length`.
+        do_sample, temperature, top_k, top_p: Token sampling, as in Transformers.
+    """
+
+    def __init__(
+        self,
+        num_steps: int = 128,
+        schedule: str = "linear",
+        schedule_kwargs: dict | None = None,
+        gap_temperature: float = 1.0,
+        gap_do_sample: bool = True,
+        output_trajectory: bool = False,
+        progress_bar: bool = False,
+        **kwargs,
+    ):
+        self.num_steps = num_steps
+        self.schedule = schedule
+        self.schedule_kwargs = dict(schedule_kwargs or {})
+        self.gap_temperature = gap_temperature
+        self.gap_do_sample = gap_do_sample
+        self.output_trajectory = output_trajectory
+        self.progress_bar = progress_bar
+        kwargs.setdefault("do_sample", True)
+        kwargs.setdefault("use_cache", True)
+        super().__init__(**kwargs)
+
+    def reveal_schedule(self) -> RevealSchedule:
+        return get_schedule(self.schedule, **self.schedule_kwargs)
+
+
+@dataclass
+class ElasticMDMGenerateOutput(ModelOutput):
+    """`sequences` `[batch, max_len]` padded with the pad (or EOS) id; `lengths` `[batch]` true lengths (anchors
+    included); `hit_max_length` `[batch]` whether a sequence was stopped by `max_length`; `trajectory[k][b]` the
+    active sequence `b` fed at step `k` (when asked); `num_passes` denoiser passes run and `tokens_processed` the
+    tokens they encoded."""
+
+    sequences: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    hit_max_length: torch.Tensor | None = None
+    trajectory: list[list[torch.Tensor]] | None = None
+    num_passes: int | None = None
+    tokens_processed: int | None = None
+
+
+class Denoiser(Protocol):
+    """What the sampler needs of a model: features of a packed stream and the two heads on selected rows."""
+
+    def diffusion_features(self, input_ids: torch.Tensor, packed, noise_level: torch.Tensor) -> torch.Tensor: ...
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class ActiveState:
+    """The packed active sequences: `tokens` `[T]`, `sequence_ids` `[T]` (sorted), `open_after` `[T]` (the gap
+    between token i and i+1 may grow), `lengths` `[B]`."""
+
+    tokens: torch.Tensor
+    sequence_ids: torch.Tensor
+    open_after: torch.Tensor
+    lengths: torch.Tensor
+
+    def split(self, on_device: bool = False) -> list[torch.Tensor]:
+        """The active sequences as a list of 1-D tensors (on the host unless `on_device`)."""
+        tokens = self.tokens if on_device else self.tokens.cpu()
+        return list(tokens.split(self.lengths.tolist()))
+
+
+def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of `softmax(logits)` (`argmax` when not sampling)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`m ~ Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
+    if prob >= 1.0:
+        return count
+    if prob <= 0.0:
+        return torch.zeros_like(count)
+    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
+    return torch.binomial(count.float(), p, generator=generator).long()
+
+
+def insert_masks(state: ActiveState, counts: torch.Tensor, mask_token_id: int) -> tuple[ActiveState, torch.Tensor]:
+    """Insert `counts[i]` masks after token `i`; returns the new state and the new row of every old token.
+
+    New masks inherit the open flag of their gap (they sit inside an open gap).
+    """
+    repeats = counts + 1  # [T]
+    new_rows = repeats.cumsum(0) - repeats  # [T] where old token i lands
+    total = state.tokens.numel() + int(counts.sum())
+    tokens = torch.full((total,), mask_token_id, dtype=state.tokens.dtype, device=state.tokens.device)
+    tokens[new_rows] = state.tokens
+    lengths = state.lengths + torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids, counts)
+    new_state = ActiveState(
+        tokens=tokens,
+        sequence_ids=state.sequence_ids.repeat_interleave(repeats, output_size=total),
+        open_after=state.open_after.repeat_interleave(repeats, output_size=total),
+        lengths=lengths,
+    )
+    return new_state, new_rows
+
+
+def cap_insertions(
+    counts: torch.Tensor, sequence_ids: torch.Tensor, lengths: torch.Tensor, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip insertion counts (rows in stream order) so no sequence exceeds `max_length`; flags clipped sequences."""
+    budget = (max_length - lengths).clamp_min(0)  # [B]
+    inclusive = counts.cumsum(0)
+    first = torch.full_like(lengths, torch.iinfo(torch.long).max).scatter_reduce(
+        0, sequence_ids, inclusive - counts, reduce="amin"
+    )
+    before = inclusive - counts - first[sequence_ids]  # insertions earlier in the same sequence
+    capped = torch.minimum(counts, (budget[sequence_ids] - before).clamp_min(0))
+    clipped = torch.zeros_like(lengths).index_add_(0, sequence_ids, (capped < counts).long()) > 0
+    return capped, clipped
+
+
+def sample_elastic(
+    denoiser: Denoiser,
+    state: ActiveState,
+    *,
+    mask_token_id: int,
+    num_steps: int,
+    schedule: RevealSchedule,
+    token_processors: LogitsProcessorList,
+    do_sample: bool = True,
+    gap_temperature: float = 1.0,
+    gap_do_sample: bool = True,
+    max_length: int,
+    pad_token_id: int,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    output_trajectory: bool = False,
+    progress_bar: bool = False,
+) -> ElasticMDMGenerateOutput:
+    r"""Elastic-MDM reverse process (DESIGN §3) on a packed batch.
+
+    ```
+    x <- anchors (+ prompt / template); open gaps may grow
+    for k = 0 .. K:
+        h = f(x, F(k))                                   one pass over the active tokens only
+        x[i] ~ p_θ(· | h_i) for every [MASK] i           (none at k = 0)
+        if k < K, for every open adjacent pair (a, b):
+            g ~ p_φ(· | h_a, h_b)                        removed count of the gap
+            m ~ Binomial(g, q_k),  q_k = (F(k+1) - F(k)) / (1 - F(k))
+            insert m [MASK] between a and b
+    ```
+    `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
+    last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
+    """
+    reveal = schedule.table(num_steps)  # F(0..K), float64 on the host: no device sync
+    reveal_share = reveal_probability(reveal[:-1], reveal[1:]).tolist() + [0.0]  # q_k, k = 0..K
+    reveal = reveal.tolist()
+    batch = state.lengths.numel()
+    device = state.tokens.device
+    hidden = None
+    dirty = torch.ones(batch, dtype=torch.bool, device=device)  # needs a fresh pass
+    hit_max_length = torch.zeros(batch, dtype=torch.bool, device=device)
+    trajectory, num_passes, tokens_processed = [], 0, 0
+    steps = range(num_steps + 1)
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="elastic-mdm", total=num_steps + 1)
+    for k in steps:
+        if output_trajectory:
+            trajectory.append(state.split())
+        is_mask = state.tokens == mask_token_id  # [T]
+        q = reveal_share[k]
+        grows = q > 0.0
+        if not grows and not bool(is_mask.any()):
+            continue  # nothing to fill, nothing to insert (flat stretch of a clipped schedule)
+
+        hidden, computed = encode_dirty(denoiser, state, hidden, dirty, reveal[k])
+        num_passes += int(computed > 0)
+        tokens_processed += computed
+        dirty = state.lengths.new_zeros(batch, dtype=torch.bool) if use_cache else torch.ones_like(dirty)
+
+        mask_rows = is_mask.nonzero().squeeze(-1)
+        if mask_rows.numel():
+            logits = token_processors(None, denoiser.token_logits(hidden[mask_rows]).float())
+            state.tokens[mask_rows] = sample_categorical(logits, do_sample, generator).to(state.tokens.dtype)
+            dirty[state.sequence_ids[mask_rows]] = True
+
+        if not grows:
+            continue
+        open_rows = state.open_after.nonzero().squeeze(-1)
+        gaps = sample_categorical(denoiser.gap_logits(hidden, open_rows).float() / gap_temperature, gap_do_sample, generator)
+        counts = sample_binomial(gaps, q, generator)  # [open]
+        counts, clipped = cap_insertions(counts, state.sequence_ids[open_rows], state.lengths, max_length)
+        hit_max_length |= clipped
+        all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
+        dirty[state.sequence_ids[open_rows[counts > 0]]] = True
+        state, new_rows = insert_masks(state, all_counts, mask_token_id)
+        hidden = hidden.new_empty(state.tokens.numel(), hidden.shape[-1]).index_copy_(0, new_rows, hidden)
+
+    if output_trajectory:
+        trajectory.append(state.split())
+    return ElasticMDMGenerateOutput(
+        sequences=torch.nn.utils.rnn.pad_sequence(state.split(on_device=True), batch_first=True, padding_value=pad_token_id),
+        lengths=state.lengths,
+        hit_max_length=hit_max_length,
+        trajectory=trajectory if output_trajectory else None,
+        num_passes=num_passes,
+        tokens_processed=tokens_processed,
+    )
+
+
+def encode_dirty(
+    denoiser: Denoiser, state: ActiveState, hidden: torch.Tensor | None, dirty: torch.Tensor, noise_level: float
+) -> tuple[torch.Tensor, int]:
+    """Run the denoiser on the sequences flagged `dirty` only and write their rows of `hidden`; returns the tokens
+    encoded."""
+    if hidden is None or bool(dirty.all()):
+        rows, lengths = None, state.lengths
+    else:
+        rows = dirty[state.sequence_ids].nonzero().squeeze(-1)
+        lengths = state.lengths[dirty]
+        if rows.numel() == 0:
+            return hidden, 0
+    tokens = state.tokens if rows is None else state.tokens[rows]
+    packed = PackedSequences.from_lengths(lengths)
+    level = torch.full((lengths.numel(),), noise_level, device=tokens.device)
+    features = denoiser.diffusion_features(tokens, packed, level)
+    if rows is None:
+        return features, tokens.numel()
+    return hidden.index_copy(0, rows, features.to(hidden.dtype)), tokens.numel()
+
+
+class ElasticMDMGenerationMixin:
+    """Adds `generate()` (variable-length Elastic-MDM sampling) to `ElasticMDMForDiffusionLM`."""
+
+    def diffusion_features(self, input_ids: torch.Tensor, packed, noise_level: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_packed(input_ids, packed, noise_level)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor | list[list[int]] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        template_ids: torch.Tensor | list[list[int]] | None = None,
+        generation_config: GenerationConfig | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        return_dict_in_generate: bool | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor] | ElasticMDMGenerateOutput:
+        r"""Sample variable-length sequences (DESIGN §3).
+
+        Inputs (at most one of them):
+            * nothing: `num_return_sequences` unconditional samples, starting from `BOS EOS`;
+            * `input_ids` (+ `attention_mask`, or a list of lists): prompts `BOS p_1 .. p_m` (no EOS); each is
+              continued in one open gap before an appended EOS;
+            * `template_ids`: `BOS .. EOS` templates in which every `mask_token_id` marks an open gap (infilling,
+              JSON skeletons); the markers are removed and only those gaps grow.
+
+        Every field of `ElasticMDMGenerationConfig` can be passed as a keyword (`num_steps`, `schedule`,
+        `temperature`, `top_k`, `top_p`, `gap_temperature`, `max_length`, `num_return_sequences`, ...).
+        `generator` (or `seed`) drives every random draw.
+
+        Returns `(sequences, lengths)`: `[batch, max_len]` padded with `pad_token_id` (EOS if unset) and `[batch]`,
+        or an `ElasticMDMGenerateOutput` with `return_dict_in_generate=True`.
+        """
+        config = self._resolve_generation_config(generation_config, kwargs)
+        if return_dict_in_generate is None:
+            return_dict_in_generate = bool(config.return_dict_in_generate)
+        max_length = self._generation_max_length(config)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        state = self._initial_state(input_ids, attention_mask, template_ids, config.num_return_sequences or 1)
+        if int(state.lengths.max()) > max_length:
+            raise ValueError(
+                f"An input has {int(state.lengths.max())} tokens with its anchors, more than max_length={max_length}."
+            )
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_id
+        output = sample_elastic(
+            self,
+            state,
+            mask_token_id=self.config.mask_token_id,
+            num_steps=config.num_steps,
+            schedule=config.reveal_schedule(),
+            token_processors=token_logits_processors(config),
+            do_sample=bool(config.do_sample),
+            gap_temperature=config.gap_temperature,
+            gap_do_sample=config.gap_do_sample,
+            max_length=max_length,
+            pad_token_id=pad,
+            use_cache=bool(config.use_cache) and not self.config.time_conditioning,
+            generator=generator,
+            output_trajectory=config.output_trajectory,
+            progress_bar=config.progress_bar,
+        )
+        if return_dict_in_generate:
+            return output
+        return output.sequences, output.lengths
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+
+    def _resolve_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> ElasticMDMGenerationConfig:
+        known = set(inspect.signature(ElasticMDMGenerationConfig.__init__).parameters) | set(vars(GenerationConfig()))
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"generate() got unknown arguments {unknown}; see ElasticMDMGenerationConfig for the options.")
+        params = {**self.generation_config.to_dict()}
+        if generation_config is not None:
+            params.update(generation_config.to_dict())
+        params.update(kwargs)
+        params.pop("transformers_version", None)
+        config = ElasticMDMGenerationConfig(**params)
+        if not isinstance(config.num_steps, int) or config.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {config.num_steps!r}.")
+        if config.gap_temperature <= 0:
+            raise ValueError(f"gap_temperature must be > 0, got {config.gap_temperature}.")
+        config.reveal_schedule()  # unknown schedule / bad parameters raise here
+        return config
+
+    def _generation_max_length(self, config: ElasticMDMGenerationConfig) -> int:
+        limit = self.config.max_position_embeddings
+        if config.max_length is None:
+            return limit
+        if config.max_length > limit:
+            raise ValueError(
+                f"max_length={config.max_length} exceeds the model's max_position_embeddings={limit}; lower it."
+            )
+        return int(config.max_length)
+
+    def _initial_state(
+        self,
+        input_ids: torch.Tensor | list[list[int]] | None,
+        attention_mask: torch.Tensor | None,
+        template_ids: torch.Tensor | list[list[int]] | None,
+        num_return_sequences: int,
+    ) -> ActiveState:
+        """Packed start state: anchors, the open flag of every gap, each input repeated `num_return_sequences` times."""
+        cfg = self.config
+        bos, eos, mask = cfg.bos_token_id, cfg.eos_token_id, cfg.mask_token_id
+        if bos is None or eos is None or mask is None:
+            raise ValueError("The model config needs bos_token_id, eos_token_id and mask_token_id to generate.")
+        if input_ids is not None and template_ids is not None:
+            raise ValueError("Pass either input_ids (prompts) or template_ids (templates), not both.")
+        sequences: list[tuple[list[int], list[bool]]] = []
+        if input_ids is None and template_ids is None:
+            sequences = [([bos, eos], [True, False])]
+        elif input_ids is not None:
+            for i, prompt in enumerate(rows_of(input_ids, attention_mask, "input_ids")):
+                if not prompt or prompt[0] != bos:
+                    raise ValueError(f"input_ids[{i}] must start with BOS ({bos}); tokenize with add_special_tokens=True or prepend it.")
+                if mask in prompt:
+                    raise ValueError(f"input_ids[{i}] contains the mask token ({mask}); prompts must be clean text. Use template_ids to mark open gaps.")
+                if bos != eos and len(prompt) > 1 and prompt[-1] == eos:
+                    raise ValueError(f"input_ids[{i}] ends with EOS ({eos}); a prompt is a prefix: drop the EOS, or use template_ids.")
+                sequences.append((prompt + [eos], [False] * (len(prompt) - 1) + [True, False]))
+        else:
+            for i, template in enumerate(rows_of(template_ids, attention_mask, "template_ids")):
+                sequences.append(parse_template(template, bos, eos, mask, f"template_ids[{i}]"))
+        sequences = [s for s in sequences for _ in range(num_return_sequences)]
+        device = self.device
+        tokens = torch.tensor([t for seq, _ in sequences for t in seq], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(seq) for seq, _ in sequences], dtype=torch.long, device=device)
+        return ActiveState(
+            tokens=tokens,
+            sequence_ids=torch.arange(len(sequences), device=device).repeat_interleave(lengths),
+            open_after=torch.tensor([f for _, flags in sequences for f in flags], dtype=torch.bool, device=device),
+            lengths=lengths,
+        )
+
+
+def rows_of(ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None, name: str) -> list[list[int]]:
+    """Token lists of a padded tensor (`attention_mask` picks the real tokens) or of a list of lists."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            ids = ids[None]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
+        rows = [row[m.bool()].tolist() for row, m in zip(ids, attention_mask)]
+    else:
+        rows = [list(map(int, r)) for r in ids]
+    if not rows:
+        raise ValueError(f"{name} is an empty batch; pass at least one sequence.")
+    return rows
+
+
+def parse_template(template: list[int], bos: int, eos: int, mask: int, name: str) -> tuple[list[int], list[bool]]:
+    """`BOS a [MASK] b EOS` -> tokens `BOS a b EOS`, open flags `F T F F`: each mask marks one open gap."""
+    ids = torch.tensor(template, dtype=torch.long)
+    if ids.numel() < 2 or ids[0] != bos or ids[-1] != eos:
+        raise ValueError(f"{name} must start with BOS ({bos}) and end with EOS ({eos}).")
+    marker = ids == mask
+    if bool((marker[1:] & marker[:-1]).any()):
+        raise ValueError(f"{name} has two adjacent open-gap markers; one mask token marks one gap.")
+    open_after = torch.cat([marker[1:], marker.new_zeros(1)])[~marker]  # a kept token is open if a marker follows it
+    return ids[~marker].tolist(), open_after.tolist()
+
+
+def token_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
+    """Temperature, top-k and top-p warpers of Transformers, in that order."""
+    processors = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k:
+        processors.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        processors.append(TopPLogitsWarper(config.top_p))
+    return processors
+
+
+__all__ = [
+    "ElasticMDMGenerationConfig",
+    "ElasticMDMGenerateOutput",
+    "ElasticMDMGenerationMixin",
+    "sample_elastic",
+    "insert_masks",
+]

@@ -1,0 +1,136 @@
+"""Reveal schedules `F(k)` and the training-time schedule randomisation (DESIGN §1-2, paper §4.4, App. D).
+
+`F : {0..K} -> [0, 1]` is the share of interior positions active (clean or mask) at reverse step `k`;
+`F(0) = 0`, `F(K) = 1`, nondecreasing. In the paper's notation `F(k) = α_{K-k}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "exponential", "p-linear", "clipped")
+
+
+@dataclass(frozen=True)
+class RevealSchedule:
+    """A reveal schedule `F(k)`.
+
+    * linear:       `F(k) = k/K`
+    * cosine:       `F(k) = sin(πk / 2K)`                      (α_t = cos(πt̄/2))
+    * exponential:  `F(k) = exp(-σ(K-k)/K)` for k ≥ 1, `F(0) = 0` (α_t = e^{-σt̄}, σ = log(1/ε))
+    * p-linear:     `F(k) = (k/K)^p`                           (α_t = (1-t̄)^p)
+    * clipped:      `F(k) = clip((k/K - (1-ω)) / (ω-β), 0, 1)` (mask rate 1-α linear on [β, ω], flat outside)
+    """
+
+    name: str = "linear"
+    sigma: float = math.log(1e3)
+    p: float = 2.0
+    beta: float = 0.0
+    omega: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule={self.name!r} is unknown; use one of {SCHEDULES}.")
+        if self.name == "exponential" and self.sigma <= 0:
+            raise ValueError(f"exponential schedule needs sigma > 0, got sigma={self.sigma}.")
+        if self.name == "p-linear" and self.p <= 0:
+            raise ValueError(f"p-linear schedule needs p > 0, got p={self.p}.")
+        if self.name == "clipped" and not 0.0 <= self.beta < self.omega <= 1.0:
+            raise ValueError(f"clipped schedule needs 0 <= beta < omega <= 1, got beta={self.beta}, omega={self.omega}.")
+
+    def __call__(self, k: torch.Tensor | int, num_steps: torch.Tensor | int) -> torch.Tensor:
+        """`F(k)` in float64 for integer steps `k` (any shape) and horizon `K = num_steps`; `F(-1) := 0`."""
+        k = torch.as_tensor(k, dtype=torch.float64)
+        t = (k / torch.as_tensor(num_steps, dtype=torch.float64, device=k.device)).clamp(0.0, 1.0)  # k/K
+        if self.name == "linear":
+            f = t
+        elif self.name == "cosine":
+            f = torch.sin(0.5 * math.pi * t)
+        elif self.name == "exponential":
+            f = torch.exp(-self.sigma * (1.0 - t))
+        elif self.name == "p-linear":
+            f = t**self.p
+        else:  # clipped
+            f = ((t - (1.0 - self.omega)) / (self.omega - self.beta)).clamp(0.0, 1.0)
+        f = torch.where(k <= 0, torch.zeros_like(f), f)  # F(0) = 0 exactly (and F(-1) = 0)
+        return torch.where(t >= 1.0, torch.ones_like(f), f)  # F(K) = 1 exactly
+
+    def table(self, num_steps: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """`[F(0), ..., F(K)]` as a float64 tensor of shape `[K + 1]`."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        return self(torch.arange(num_steps + 1, device=device), num_steps)
+
+
+def get_schedule(schedule: str | RevealSchedule = "linear", **params: float) -> RevealSchedule:
+    """Build a schedule from its name (`linear`, `cosine`, `exponential`, `p-linear`, `clipped`) and parameters."""
+    if isinstance(schedule, RevealSchedule):
+        return schedule
+    if not isinstance(schedule, str):
+        raise TypeError(f"schedule must be a name or a RevealSchedule, got {type(schedule).__name__}.")
+    return RevealSchedule(schedule, **params)
+
+
+def reveal_probability(f_now: torch.Tensor, f_next: torch.Tensor) -> torch.Tensor:
+    """Share of the still-removed positions revealed next step: `q = (F(k+1) - F(k)) / (1 - F(k))`, 1 where F(k) = 1."""
+    remaining = 1.0 - f_now
+    return torch.where(remaining > 0, (f_next - f_now) / remaining.clamp_min(1e-300), torch.ones_like(f_now))
+
+
+@dataclass
+class NoiseLevelSampler:
+    """Draws the pair `(s, s') = (F(k-1), F(k))` of every training example (paper §4.4 randomisation).
+
+    Each example is, with probability `length_share`, a step-0 (length-model) example `s = s' = 0`; otherwise,
+    with probability `clipped_share`, `s' = 1 - m` with the mask rate `m ~ U[beta, omega]` and `s` the previous
+    step of a linear schedule of horizon `K`; otherwise a family from `families`, a horizon `K ~ U{min_steps..max_steps}`
+    and a step `k ~ U{1..K}` give `(F(k-1), F(k))`.
+    """
+
+    families: tuple[RevealSchedule, ...] = field(
+        default_factory=lambda: tuple(RevealSchedule(n) for n in ("linear", "cosine", "exponential", "p-linear"))
+    )
+    min_steps: int = 16
+    max_steps: int = 1024
+    length_share: float = 0.05
+    clipped_share: float = 0.0
+    beta: float = 0.0
+    omega: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.families = tuple(get_schedule(f) for f in self.families)
+        if not self.families:
+            raise ValueError("NoiseLevelSampler needs at least one schedule family.")
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}.")
+        if not 0.0 <= self.beta < self.omega <= 1.0:
+            raise ValueError(f"need 0 <= beta < omega <= 1, got beta={self.beta}, omega={self.omega}.")
+        for name in ("length_share", "clipped_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
+
+    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(s, s')`, two float64 tensors of shape `[batch_size]` with `0 <= s <= s' <= 1`."""
+        rand = lambda: torch.rand(batch_size, generator=generator, dtype=torch.float64)  # noqa: E731
+        horizon = torch.randint(self.min_steps, self.max_steps + 1, (batch_size,), generator=generator)  # K
+        step = (rand() * horizon).floor().long() + 1  # k ~ U{1..K}
+        family = torch.randint(len(self.families), (batch_size,), generator=generator)
+        s, s_next = torch.zeros(batch_size, dtype=torch.float64), torch.zeros(batch_size, dtype=torch.float64)
+        for i, schedule in enumerate(self.families):  # loop over families, not examples
+            pick = family == i
+            s = torch.where(pick, schedule(step - 1, horizon), s)
+            s_next = torch.where(pick, schedule(step, horizon), s_next)
+
+        clipped = rand() < self.clipped_share
+        clipped_next = 1.0 - (self.beta + (self.omega - self.beta) * rand())  # s' = 1 - m, m ~ U[β, ω]
+        s = torch.where(clipped, (clipped_next - 1.0 / horizon).clamp_min(0.0), s)
+        s_next = torch.where(clipped, clipped_next, s_next)
+
+        length = rand() < self.length_share
+        return s.masked_fill(length, 0.0), s_next.masked_fill(length, 0.0)
+
+
+__all__ = ["SCHEDULES", "RevealSchedule", "get_schedule", "reveal_probability", "NoiseLevelSampler"]
