@@ -1,0 +1,135 @@
+"""The Elastic-MDM forward process and the collator that packs training batches (DESIGN §1-2).
+
+A clean sequence `x0 = (BOS, y_1..y_n, EOS)` plus any other anchors (prompt, template tokens) is corrupted at a
+pair of reveal levels `(s, s') = (F(k-1), F(k))` with one uniform `u_i` per interior position:
+
+| state   | condition        | in the model input       |
+|---------|------------------|--------------------------|
+| clean   | `u_i < s`        | its token                |
+| mask    | `s <= u_i < s'`  | `[MASK]`, target `x0_i`  |
+| removed | `u_i >= s'`      | no                       |
+
+The compact input keeps the active tokens in order; the gap target of every adjacent active pair `(a, b)` is the
+number of removed positions between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .packing import cu_seqlens_from_lengths
+from .schedules import NoiseLevelSampler
+
+IGNORE_INDEX = -100
+
+
+def corrupt_packed(
+    tokens: torch.Tensor,  # [N] clean tokens of all sequences, concatenated
+    sequence_ids: torch.Tensor,  # [N] sorted sequence index of each token
+    anchor_mask: torch.Tensor,  # [N] True for tokens never noised (BOS, EOS, prompt, template)
+    clean_share: torch.Tensor,  # [B] s = F(k-1)
+    active_share: torch.Tensor,  # [B] s' = F(k)
+    uniforms: torch.Tensor,  # [N] u_i ~ U(0, 1)
+    mask_token_id: int,
+) -> dict[str, torch.Tensor | int]:
+    """Apply the forward process to a packed batch of clean sequences and build every training target.
+
+    Returns the compact packed input `input_ids` `[T]`, `cu_seqlens` `[B + 1]`, `max_seqlen`, token targets
+    `labels` `[T]` (clean token at masks, -100 elsewhere), gap targets `gap_labels` `[T]` (removed count between
+    token i and the next active token of its sequence, -100 on the last token) and `noise_level` `[B]` (= s').
+    """
+    u = uniforms.masked_fill(anchor_mask, -1.0)  # anchors are always clean
+    clean = u < clean_share.to(u.dtype)[sequence_ids]
+    active = u < active_share.to(u.dtype)[sequence_ids]
+    mask = active & ~clean
+    removed_before = (~active).long().cumsum(0)  # [N] removed positions up to and including i
+
+    keep = active.nonzero().squeeze(-1)  # [T] source row of each active token
+    kept_sequences = sequence_ids[keep]
+    gaps = removed_before[keep].diff(append=removed_before[keep][-1:])  # removed between kept j and kept j+1
+    lengths = torch.zeros_like(active_share, dtype=torch.long).index_add_(0, kept_sequences, torch.ones_like(keep))
+    cu_seqlens = cu_seqlens_from_lengths(lengths)
+    gaps[cu_seqlens[1:].long() - 1] = IGNORE_INDEX  # last token of a sequence has no right neighbour
+
+    return {
+        "input_ids": tokens.masked_fill(mask, mask_token_id)[keep],
+        "labels": tokens.masked_fill(~mask, IGNORE_INDEX)[keep],
+        "gap_labels": gaps,
+        "cu_seqlens": cu_seqlens,
+        "max_seqlen": int(lengths.max()),
+        "noise_level": active_share.float(),
+    }
+
+
+@dataclass
+class ElasticMDMCollator:
+    """Turns tokenized sequences into one packed Elastic-MDM training batch (one forward pass per batch).
+
+    Each feature is a dict with `input_ids` (a full clean sequence `BOS .. EOS`) and optionally `anchor_mask`
+    (1 for tokens never noised, e.g. a prompt; BOS and EOS are anchors regardless). Every sequence gets its own
+    noise pair `(s, s')` from `noise_sampler` (paper §4.4 randomisation).
+
+    Use it as the `data_collator` of a `Trainer` (with `remove_unused_columns=False`).
+    """
+
+    mask_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    max_length: int
+    noise_sampler: NoiseLevelSampler = field(default_factory=NoiseLevelSampler)
+    seed: int | None = None
+    generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
+        tokens, anchors, lengths = self.validate(features)
+        batch = lengths.numel()
+        sequence_ids = torch.arange(batch).repeat_interleave(lengths)  # [N]
+        ends = cu_seqlens_from_lengths(lengths).long()
+        anchors[ends[:-1]] = True  # BOS
+        anchors[ends[1:] - 1] = True  # EOS
+        clean_share, active_share = self.noise_sampler(batch, generator=self.generator)
+        uniforms = torch.rand(tokens.numel(), generator=self.generator, dtype=torch.float64)
+        return corrupt_packed(tokens, sequence_ids, anchors, clean_share, active_share, uniforms, self.mask_token_id)
+
+    def validate(self, features: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concatenate the sequences (flat tokens, anchor flags, lengths), refusing what the process cannot model."""
+        if len(features) == 0:
+            raise ValueError("The batch is empty: the collator got no features.")
+        sequences = [torch.as_tensor(f["input_ids"], dtype=torch.long).flatten() for f in features]
+        lengths = torch.tensor([len(s) for s in sequences])
+        if int(lengths.min()) < 2:
+            raise ValueError("Every sequence needs at least BOS and EOS (length >= 2).")
+        if int(lengths.max()) > self.max_length:
+            i = int(lengths.argmax())
+            raise ValueError(
+                f"Sequence {i} has {int(lengths[i])} tokens, more than max_length={self.max_length} "
+                "(the model's max_position_embeddings); split long documents into chunks before collating."
+            )
+        tokens = torch.cat(sequences)
+        ends = cu_seqlens_from_lengths(lengths).long()
+        if bool((tokens[ends[:-1]] != self.bos_token_id).any()):
+            raise ValueError(f"Every sequence must start with BOS ({self.bos_token_id}); tokenize with it added.")
+        if bool((tokens[ends[1:] - 1] != self.eos_token_id).any()):
+            raise ValueError(f"Every sequence must end with EOS ({self.eos_token_id}); tokenize with it added.")
+        if bool((tokens == self.mask_token_id).any()):
+            raise ValueError(f"A sequence contains the mask token ({self.mask_token_id}); clean data must not.")
+        if all("anchor_mask" in f for f in features):
+            anchors = torch.cat([torch.as_tensor(f["anchor_mask"]).flatten().bool() for f in features])
+            if anchors.numel() != tokens.numel():
+                raise ValueError("anchor_mask must have one entry per token of input_ids.")
+        elif any("anchor_mask" in f for f in features):
+            raise ValueError("Give anchor_mask for every feature of the batch or for none.")
+        else:
+            anchors = torch.zeros_like(tokens, dtype=torch.bool)
+        return tokens, anchors, lengths
+
+
+__all__ = ["IGNORE_INDEX", "corrupt_packed", "ElasticMDMCollator"]
