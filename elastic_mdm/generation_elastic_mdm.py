@@ -232,7 +232,9 @@ def sample_elastic(
         if not grows:
             continue
         open_rows = state.open_after.nonzero().squeeze(-1)
-        gaps = sample_categorical(denoiser.gap_logits(hidden, open_rows).float() / gap_temperature, gap_do_sample, generator)
+        gaps = sample_categorical(
+            denoiser.gap_logits(hidden, open_rows).float() / gap_temperature, gap_do_sample, generator
+        )
         counts = sample_binomial(gaps, q, generator)  # [open]
         counts, clipped = cap_insertions(counts, state.sequence_ids[open_rows], state.lengths, max_length)
         hit_max_length |= clipped
@@ -244,7 +246,9 @@ def sample_elastic(
     if output_trajectory:
         trajectory.append(state.split())
     return ElasticMDMGenerateOutput(
-        sequences=torch.nn.utils.rnn.pad_sequence(state.split(on_device=True), batch_first=True, padding_value=pad_token_id),
+        sequences=torch.nn.utils.rnn.pad_sequence(
+            state.split(on_device=True), batch_first=True, padding_value=pad_token_id
+        ),
         lengths=state.lengths,
         hit_max_length=hit_max_length,
         trajectory=trajectory if output_trajectory else None,
@@ -343,11 +347,15 @@ class ElasticMDMGenerationMixin:
 
     # -- helpers ----------------------------------------------------------------------------------------------
 
-    def _resolve_generation_config(self, generation_config: GenerationConfig | None, kwargs: dict) -> ElasticMDMGenerationConfig:
+    def _resolve_generation_config(
+        self, generation_config: GenerationConfig | None, kwargs: dict
+    ) -> ElasticMDMGenerationConfig:
         known = set(inspect.signature(ElasticMDMGenerationConfig.__init__).parameters) | set(vars(GenerationConfig()))
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise ValueError(f"generate() got unknown arguments {unknown}; see ElasticMDMGenerationConfig for the options.")
+            raise ValueError(
+                f"generate() got unknown arguments {unknown}; see ElasticMDMGenerationConfig for the options."
+            )
         params = {**self.generation_config.to_dict()}
         if generation_config is not None:
             params.update(generation_config.to_dict())
@@ -391,11 +399,20 @@ class ElasticMDMGenerationMixin:
         elif input_ids is not None:
             for i, prompt in enumerate(rows_of(input_ids, attention_mask, "input_ids")):
                 if not prompt or prompt[0] != bos:
-                    raise ValueError(f"input_ids[{i}] must start with BOS ({bos}); tokenize with add_special_tokens=True or prepend it.")
+                    raise ValueError(
+                        f"input_ids[{i}] must start with BOS ({bos}); "
+                        "tokenize with add_special_tokens=True or prepend it."
+                    )
                 if mask in prompt:
-                    raise ValueError(f"input_ids[{i}] contains the mask token ({mask}); prompts must be clean text. Use template_ids to mark open gaps.")
+                    raise ValueError(
+                        f"input_ids[{i}] contains the mask token ({mask}); prompts must be clean text. "
+                        "Use template_ids to mark open gaps."
+                    )
                 if bos != eos and len(prompt) > 1 and prompt[-1] == eos:
-                    raise ValueError(f"input_ids[{i}] ends with EOS ({eos}); a prompt is a prefix: drop the EOS, or use template_ids.")
+                    raise ValueError(
+                        f"input_ids[{i}] ends with EOS ({eos}); a prompt is a prefix: "
+                        "drop the EOS, or use template_ids."
+                    )
                 sequences.append((prompt + [eos], [False] * (len(prompt) - 1) + [True, False]))
         else:
             for i, template in enumerate(rows_of(template_ids, attention_mask, "template_ids")):
@@ -419,7 +436,7 @@ def rows_of(ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | 
             ids = ids[None]
         if attention_mask is None:
             attention_mask = torch.ones_like(ids, dtype=torch.bool)
-        rows = [row[m.bool()].tolist() for row, m in zip(ids, attention_mask)]
+        rows = [row[m.bool()].tolist() for row, m in zip(ids, attention_mask, strict=True)]
     else:
         rows = [list(map(int, r)) for r in ids]
     if not rows:

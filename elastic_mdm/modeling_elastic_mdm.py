@@ -44,7 +44,9 @@ VARLEN_ATTN = "varlen_attn"  # attn_implementation name of torch.nn.attention.va
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, eager: bool) -> torch.Tensor:
+def _padded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, eager: bool
+) -> torch.Tensor:
     """Pad each sequence to `max_seqlen`, attend with a key-padding mask, unpad. Portable (CPU, any dtype)."""
     batch, length, (_, heads, dim) = packed.batch_size, packed.max_seqlen, q.shape
     index = packed.padded_index()  # [tokens]
@@ -89,7 +91,9 @@ def torch_varlen_attention(q, k, v, packed: PackedSequences) -> torch.Tensor:
 def flash_attention_2(q, k, v, packed: PackedSequences) -> torch.Tensor:
     """`flash_attn.flash_attn_varlen_func` (pip install flash-attn), non-causal."""
     if flash_attn_varlen_func is None:
-        raise ImportError("attn_implementation='flash_attention_2' needs the flash-attn package: pip install flash-attn.")
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package: pip install flash-attn."
+        )
     cu, length = packed.cu_seqlens, packed.max_seqlen
     return flash_attn_varlen_func(q, k, v, cu, cu, length, length, causal=False)
 
@@ -105,6 +109,7 @@ ATTENTION_FUNCTIONS = {
 def _register_varlen_attn_name() -> None:
     """Make `attn_implementation="varlen_attn"` a name Transformers accepts (it validates against its registry)."""
     from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def hf_varlen_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, max_length_q=None, **kwargs):
         # Transformers' convention: [1, heads, tokens, dim] with cu_seq_lens kwargs
@@ -112,7 +117,7 @@ def _register_varlen_attn_name() -> None:
         out = torch_varlen_attention(*(x[0].transpose(0, 1) for x in (query, key, value)), packed)
         return out[None], None
 
-    if VARLEN_ATTN not in AttentionInterface._global_mapping:
+    if VARLEN_ATTN not in ALL_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(VARLEN_ATTN, hf_varlen_attention)
 
 
@@ -180,7 +185,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class ElasticMDMTimestepEmbedder(nn.Module):
-    """Noise level -> conditioning vector: sinusoidal features (256) -> Linear -> SiLU -> Linear (MDLM's `sigma_map`)."""
+    """Noise level -> conditioning vector: sinusoidal features (256) -> Linear -> SiLU -> Linear (MDLM's
+    `sigma_map`)."""
 
     frequency_dim = 256
 
@@ -216,7 +222,9 @@ class ElasticMDMAttention(nn.Module):
             self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packed: PackedSequences) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packed: PackedSequences
+    ) -> torch.Tensor:
         shape = (x.shape[0], self.config.num_attention_heads, self.config.head_dim)
         if self.config.block_type == "dit":
             q, k, v = self.qkv_proj(x).view(x.shape[0], 3, *shape[1:]).unbind(1)  # each [tokens, H, D]
@@ -348,7 +356,8 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         self.embed_tokens = value
 
     def conditioning(self, noise_level: torch.Tensor | None, packed: PackedSequences) -> torch.Tensor | None:
-        """`c = silu(time_embed(1000 · s'))` per token `[tokens, cond]`, or the constant `silu(time_embed(0))` `[1, cond]`
+        """`c = silu(time_embed(1000 · s'))` per token `[tokens, cond]`, or the constant `silu(time_embed(0))`
+        `[1, cond]`
         when `time_conditioning` is off (MDLM)."""
         if self.time_embed is None:
             return None
@@ -409,7 +418,9 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         flat_index = None
         if input_ids.dim() == 2:
             if cu_seqlens is not None:
-                raise ValueError("Pass either a padded input_ids [batch, length] or a packed input_ids [tokens] with cu_seqlens.")
+                raise ValueError(
+                    "Pass either a padded input_ids [batch, length] or a packed input_ids [tokens] with cu_seqlens."
+                )
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             flat_index, cu_seqlens, max_seqlen = pack_padded(attention_mask.bool())
@@ -418,14 +429,16 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             raise ValueError("A packed batch needs input_ids of shape [tokens] and cu_seqlens of shape [batch + 1].")
         if cu_seqlens.numel() < 2 or input_ids.numel() == 0:
             raise ValueError("The batch is empty: input_ids holds no sequence.")
-        packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen)
+        packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=input_ids.numel())
         if packed.max_seqlen > self.config.max_position_embeddings:
             raise ValueError(
                 f"A sequence has {packed.max_seqlen} tokens, more than max_position_embeddings="
                 f"{self.config.max_position_embeddings}; split it or use a model with a larger position table."
             )
         if noise_level is not None and noise_level.shape != (packed.batch_size,):
-            raise ValueError(f"noise_level must have shape [batch]=({packed.batch_size},), got {tuple(noise_level.shape)}.")
+            raise ValueError(
+                f"noise_level must have shape [batch]=({packed.batch_size},), got {tuple(noise_level.shape)}."
+            )
         return input_ids, packed, flat_index
 
 
@@ -447,11 +460,28 @@ class ElasticMDMOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None
 
 
-def mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean CE over the given rows; 0 (with a graph) when there are none, so empty-interior batches stay finite."""
-    if targets.numel() == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), targets)
+LOSS_REDUCTIONS = ("mean", "sequence")
+
+
+def reduce_cross_entropy(
+    logits: torch.Tensor,  # [rows, classes]
+    targets: torch.Tensor,  # [rows]
+    sequence_ids: torch.Tensor,  # [rows]
+    batch_size: int,
+    reduction: str,
+    weights: torch.Tensor | None = None,  # [rows]
+) -> torch.Tensor:
+    """CE of the given rows reduced to a scalar or to per-sequence sums `[batch]`.
+
+    `mean`: `Σ_i w_i CE_i` with weights, else the plain mean (0 when there are no rows, so empty-interior batches stay
+    finite); `sequence`: `Σ_{i in b} w_i CE_i` per sequence `b` (the NELBO terms).
+    """
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [rows]
+    if weights is not None:
+        ce = ce * weights
+    if reduction == "sequence":
+        return ce.new_zeros(batch_size).index_add(0, sequence_ids, ce)
+    return ce.sum() if weights is not None else ce.sum() / max(ce.numel(), 1)
 
 
 class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedModel):
@@ -462,6 +492,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = False  # the loss is a per-batch mean: Trainer scales it for gradient accumulation
 
     def __init__(self, config: ElasticMDMConfig):
         super().__init__(config)
@@ -499,6 +530,8 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         noise_level: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         gap_labels: torch.Tensor | None = None,
+        label_weights: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
         return_logits: bool | None = None,
         output_hidden_states: bool = False,
         **kwargs,
@@ -512,8 +545,13 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
             labels: same layout as `input_ids`; the clean token at every mask, -100 elsewhere.
             gap_labels: same layout; at token `i`, the removed count between `i` and the next token, -100 where
                 there is no pair (last token) or no supervision.
+            label_weights: same layout; per-token weights of the token CE (they carry the normalisation:
+                `token_loss = Σ_i w_i CE_i`), e.g. MDLM's `1/t` weights.
+            loss_reduction: `"mean"` (training) or `"sequence"`: losses are per-sequence sums `[batch]` (NELBO).
             return_logits: return full logits alongside the loss (default: only without targets).
         """
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r} is unknown; use one of {LOSS_REDUCTIONS}.")
         model = self.model
         flat_ids, packed, flat_index = model.pack_inputs(input_ids, attention_mask, cu_seqlens, max_seqlen, noise_level)
         hidden = model.forward_packed(flat_ids, packed, noise_level)  # [tokens, d]
@@ -526,7 +564,9 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
 
         token_loss = gap_loss = loss = None
         if has_targets:
-            token_loss, gap_loss = self.diffusion_losses(hidden, packed, flat(labels), flat(gap_labels))
+            token_loss, gap_loss = self.diffusion_losses(
+                hidden, packed, flat(labels), flat(gap_labels), flat(label_weights), loss_reduction
+            )
             loss = token_loss + self.config.gap_loss_weight * gap_loss
 
         logits = gap = None
@@ -553,16 +593,23 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         packed: PackedSequences,
         labels: torch.Tensor | None,  # [tokens]
         gap_labels: torch.Tensor | None,  # [tokens]
+        label_weights: torch.Tensor | None = None,  # [tokens]
+        reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean token CE over masks and mean gap CE over supervised pairs; heads run on those rows only."""
-        zero = hidden.sum() * 0.0
+        """Token CE over masks and gap CE over supervised pairs; the heads run on those rows only."""
+        batch = packed.batch_size
+        zero = hidden.sum() * 0.0 if reduction == "mean" else hidden.new_zeros(batch, dtype=torch.float32)
         token_loss = gap_loss = zero
         if labels is not None:
             rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
-            token_loss = mean_cross_entropy(self.token_logits(hidden[rows]), labels[rows])
+            weights = None if label_weights is None else label_weights[rows].float()
+            logits = self.token_logits(hidden[rows])
+            sequences = packed.sequence_ids[rows]
+            token_loss = reduce_cross_entropy(logits, labels[rows], sequences, batch, reduction, weights)
         if gap_labels is not None:
             rows = ((gap_labels != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)
-            gap_loss = mean_cross_entropy(self.gap_logits(hidden, rows), gap_labels[rows])
+            logits = self.gap_logits(hidden, rows)
+            gap_loss = reduce_cross_entropy(logits, gap_labels[rows], packed.sequence_ids[rows], batch, reduction)
         return token_loss, gap_loss
 
 

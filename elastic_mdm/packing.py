@@ -22,9 +22,13 @@ class PackedSequences:
     position_ids: torch.Tensor
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> PackedSequences:
+    def from_cu_seqlens(
+        cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None, num_tokens: int | None = None
+    ) -> PackedSequences:
+        """Give `max_seqlen` and `num_tokens` when known, so that nothing is read back from the device."""
         cu_seqlens = cu_seqlens.to(torch.int32)
-        tokens = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device, dtype=torch.int32)
+        num_tokens = int(cu_seqlens[-1]) if num_tokens is None else num_tokens
+        tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=torch.int32)
         sequence_ids = torch.searchsorted(cu_seqlens[1:], tokens, right=True)  # [tokens]
         position_ids = (tokens - cu_seqlens[sequence_ids]).long()  # [tokens]
         if max_seqlen is None:

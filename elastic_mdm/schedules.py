@@ -39,7 +39,9 @@ class RevealSchedule:
         if self.name == "p-linear" and self.p <= 0:
             raise ValueError(f"p-linear schedule needs p > 0, got p={self.p}.")
         if self.name == "clipped" and not 0.0 <= self.beta < self.omega <= 1.0:
-            raise ValueError(f"clipped schedule needs 0 <= beta < omega <= 1, got beta={self.beta}, omega={self.omega}.")
+            raise ValueError(
+                f"clipped schedule needs 0 <= beta < omega <= 1, got beta={self.beta}, omega={self.omega}."
+            )
 
     def __call__(self, k: torch.Tensor | int, num_steps: torch.Tensor | int) -> torch.Tensor:
         """`F(k)` in float64 for integer steps `k` (any shape) and horizon `K = num_steps`; `F(-1) := 0`."""
@@ -86,7 +88,8 @@ class NoiseLevelSampler:
 
     Each example is, with probability `length_share`, a step-0 (length-model) example `s = s' = 0`; otherwise,
     with probability `clipped_share`, `s' = 1 - m` with the mask rate `m ~ U[beta, omega]` and `s` the previous
-    step of a linear schedule of horizon `K`; otherwise a family from `families`, a horizon `K ~ U{min_steps..max_steps}`
+    step of a linear schedule of horizon `K`; otherwise a family from `families`, a horizon
+    `K ~ U{min_steps..max_steps}`
     and a step `k ~ U{1..K}` give `(F(k-1), F(k))`.
     """
 

@@ -29,8 +29,15 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     config = ElasticMDMConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=1, mask_token_id=127, pad_token_id=2,
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        mask_token_id=127,
+        pad_token_id=2,
     )
     ElasticMDMForDiffusionLM(config).save_pretrained(args.output_dir)
     model = AutoModel.from_pretrained(os.path.abspath(args.output_dir), trust_remote_code=True).eval()
@@ -40,9 +47,11 @@ def main() -> None:
     start = time.perf_counter()
     out = model.generate(num_return_sequences=args.num_samples, return_dict_in_generate=True, **common)
     elapsed = time.perf_counter() - start
-    print(f"\nunconditional, K={args.num_steps}, schedule={args.schedule}: {elapsed * 1000:.0f} ms, "
-          f"{out.num_passes} passes, {out.tokens_processed} tokens encoded")
-    for seq, n in zip(out.sequences, out.lengths):
+    print(
+        f"\nunconditional, K={args.num_steps}, schedule={args.schedule}: {elapsed * 1000:.0f} ms, "
+        f"{out.num_passes} passes, {out.tokens_processed} tokens encoded"
+    )
+    for seq, n in zip(out.sequences, out.lengths, strict=True):
         print(f"  length {int(n):3d}: {seq[: int(n)].tolist()}")
 
     prompt = model.generate(input_ids=[[0, 10, 11, 12]], return_dict_in_generate=True, output_trajectory=True, **common)

@@ -16,8 +16,13 @@ def corrupt(sequences: list[list[int]], s: list[float], s_next: list[float], u: 
     anchor_mask = torch.tensor([a for row in anchors for a in row])
     uniforms = torch.tensor([x for row in u for x in row], dtype=torch.float64)
     return corrupt_packed(
-        tokens, seq_ids, anchor_mask, torch.tensor(s, dtype=torch.float64), torch.tensor(s_next, dtype=torch.float64),
-        uniforms, MASK,
+        tokens,
+        seq_ids,
+        anchor_mask,
+        torch.tensor(s, dtype=torch.float64),
+        torch.tensor(s_next, dtype=torch.float64),
+        uniforms,
+        MASK,
     )
 
 
@@ -45,9 +50,7 @@ def test_step_zero_and_step_K() -> None:
 
 
 def test_empty_interior_and_packing_of_several_sequences() -> None:
-    out = corrupt(
-        [[BOS, EOS], [BOS, 20, 21, 22, EOS]], [0.0, 0.3], [0.0, 0.6], [[0, 0], [0, 0.7, 0.1, 0.4, 0]]
-    )
+    out = corrupt([[BOS, EOS], [BOS, 20, 21, 22, EOS]], [0.0, 0.3], [0.0, 0.6], [[0, 0], [0, 0.7, 0.1, 0.4, 0]])
     assert out["input_ids"].tolist() == [BOS, EOS, BOS, 21, MASK, EOS]
     assert out["gap_labels"].tolist() == [0, IGNORE_INDEX, 1, 0, 0, IGNORE_INDEX]
     assert out["cu_seqlens"].tolist() == [0, 2, 6]
@@ -79,7 +82,9 @@ def test_state_frequencies_match_schedule(schedule: RevealSchedule) -> None:
 
 
 def test_collator_batch_is_consistent() -> None:
-    collator = ElasticMDMCollator(MASK, BOS, EOS, max_length=64, noise_sampler=NoiseLevelSampler(min_steps=2, max_steps=4), seed=0)
+    collator = ElasticMDMCollator(
+        MASK, BOS, EOS, max_length=64, noise_sampler=NoiseLevelSampler(min_steps=2, max_steps=4), seed=0
+    )
     features = [{"input_ids": [BOS] + list(range(10, 10 + n)) + [EOS]} for n in (0, 3, 17, 40)]
     batch = collator(features)
     lengths = batch["cu_seqlens"].diff()
