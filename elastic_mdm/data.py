@@ -25,6 +25,7 @@ from .packing import cu_seqlens_from_lengths
 from .schedules import NoiseLevelSampler
 
 IGNORE_INDEX = -100
+TARGET_TOKENS = "num_target_tokens"  # batch key: n + 1 (interior tokens and EOS) per sequence, for bits per token
 
 
 def corrupt_packed(
@@ -65,6 +66,44 @@ def corrupt_packed(
     }
 
 
+def concat_sequences(
+    features: Sequence[dict[str, Any]], bos_token_id: int, eos_token_id: int, mask_token_id: int, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate the sequences (flat tokens `[N]`, anchor flags `[N]`, lengths `[B]`), refusing what the process
+    cannot model: an empty batch, a missing BOS/EOS, a mask token in clean data, a sequence over `max_length`."""
+    if len(features) == 0:
+        raise ValueError("The batch is empty: the collator got no features.")
+    sequences = [torch.as_tensor(f["input_ids"], dtype=torch.long).flatten() for f in features]
+    lengths = torch.tensor([len(s) for s in sequences])
+    if int(lengths.min()) < 2:
+        raise ValueError("Every sequence needs at least BOS and EOS (length >= 2).")
+    if int(lengths.max()) > max_length:
+        i = int(lengths.argmax())
+        raise ValueError(
+            f"Sequence {i} has {int(lengths[i])} tokens, more than max_length={max_length} "
+            "(the model's max_position_embeddings); split long documents into chunks before collating."
+        )
+    tokens = torch.cat(sequences)
+    ends = cu_seqlens_from_lengths(lengths).long()
+    if bool((tokens[ends[:-1]] != bos_token_id).any()):
+        raise ValueError(f"Every sequence must start with BOS ({bos_token_id}); tokenize with it added.")
+    if bool((tokens[ends[1:] - 1] != eos_token_id).any()):
+        raise ValueError(f"Every sequence must end with EOS ({eos_token_id}); tokenize with it added.")
+    if bool((tokens == mask_token_id).any()):
+        raise ValueError(f"A sequence contains the mask token ({mask_token_id}); clean data must not.")
+    if all("anchor_mask" in f for f in features):
+        anchors = torch.cat([torch.as_tensor(f["anchor_mask"]).flatten().bool() for f in features])
+        if anchors.numel() != tokens.numel():
+            raise ValueError("anchor_mask must have one entry per token of input_ids.")
+    elif any("anchor_mask" in f for f in features):
+        raise ValueError("Give anchor_mask for every feature of the batch or for none.")
+    else:
+        anchors = torch.zeros_like(tokens, dtype=torch.bool)
+    anchors[ends[:-1]] = True  # BOS
+    anchors[ends[1:] - 1] = True  # EOS
+    return tokens, anchors, lengths
+
+
 @dataclass
 class ElasticMDMCollator:
     """Turns tokenized sequences into one packed Elastic-MDM training batch (one forward pass per batch).
@@ -89,47 +128,69 @@ class ElasticMDMCollator:
             self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
-        tokens, anchors, lengths = self.validate(features)
+        tokens, anchors, lengths = concat_sequences(
+            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length
+        )
         batch = lengths.numel()
         sequence_ids = torch.arange(batch).repeat_interleave(lengths)  # [N]
-        ends = cu_seqlens_from_lengths(lengths).long()
-        anchors[ends[:-1]] = True  # BOS
-        anchors[ends[1:] - 1] = True  # EOS
         clean_share, active_share = self.noise_sampler(batch, generator=self.generator)
         uniforms = torch.rand(tokens.numel(), generator=self.generator, dtype=torch.float64)
-        return corrupt_packed(tokens, sequence_ids, anchors, clean_share, active_share, uniforms, self.mask_token_id)
-
-    def validate(self, features: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Concatenate the sequences (flat tokens, anchor flags, lengths), refusing what the process cannot model."""
-        if len(features) == 0:
-            raise ValueError("The batch is empty: the collator got no features.")
-        sequences = [torch.as_tensor(f["input_ids"], dtype=torch.long).flatten() for f in features]
-        lengths = torch.tensor([len(s) for s in sequences])
-        if int(lengths.min()) < 2:
-            raise ValueError("Every sequence needs at least BOS and EOS (length >= 2).")
-        if int(lengths.max()) > self.max_length:
-            i = int(lengths.argmax())
-            raise ValueError(
-                f"Sequence {i} has {int(lengths[i])} tokens, more than max_length={self.max_length} "
-                "(the model's max_position_embeddings); split long documents into chunks before collating."
-            )
-        tokens = torch.cat(sequences)
-        ends = cu_seqlens_from_lengths(lengths).long()
-        if bool((tokens[ends[:-1]] != self.bos_token_id).any()):
-            raise ValueError(f"Every sequence must start with BOS ({self.bos_token_id}); tokenize with it added.")
-        if bool((tokens[ends[1:] - 1] != self.eos_token_id).any()):
-            raise ValueError(f"Every sequence must end with EOS ({self.eos_token_id}); tokenize with it added.")
-        if bool((tokens == self.mask_token_id).any()):
-            raise ValueError(f"A sequence contains the mask token ({self.mask_token_id}); clean data must not.")
-        if all("anchor_mask" in f for f in features):
-            anchors = torch.cat([torch.as_tensor(f["anchor_mask"]).flatten().bool() for f in features])
-            if anchors.numel() != tokens.numel():
-                raise ValueError("anchor_mask must have one entry per token of input_ids.")
-        elif any("anchor_mask" in f for f in features):
-            raise ValueError("Give anchor_mask for every feature of the batch or for none.")
-        else:
-            anchors = torch.zeros_like(tokens, dtype=torch.bool)
-        return tokens, anchors, lengths
+        batch_out = corrupt_packed(
+            tokens, sequence_ids, anchors, clean_share, active_share, uniforms, self.mask_token_id
+        )
+        return {**batch_out, TARGET_TOKENS: lengths - 1}
 
 
-__all__ = ["IGNORE_INDEX", "corrupt_packed", "ElasticMDMCollator"]
+@dataclass
+class MDLMCollator:
+    r"""Fixed-length MDLM batch on the same backbone (the baseline objective).
+
+    Each sequence `BOS .. EOS` is padded to a canvas of `max_length` tokens with `pad_token_id` (EOS when unset); a
+    time `t_b ~ U(eps, 1)` per sequence (antithetic: `t_b = (u + b/B) mod 1`) masks every non-anchor position with
+    probability `t_b` (linear schedule `α_t = 1 - t`). MDLM's continuous-time NELBO is
+    `E_t[(1/t) Σ_{masked i} -log p_θ(x0_i | x_t)]`; the token weights `1/t_b / (B · L)` make the model's
+    `token_loss` MDLM's training loss (mean over all canvas positions).
+    """
+
+    mask_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    max_length: int
+    pad_token_id: int | None = None
+    eps: float = 1e-3
+    seed: int | None = None
+    generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
+        tokens, anchors, lengths = concat_sequences(
+            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length
+        )
+        batch, length = lengths.numel(), self.max_length
+        pad = self.eos_token_id if self.pad_token_id is None else self.pad_token_id
+        starts = cu_seqlens_from_lengths(lengths)[:-1].long().repeat_interleave(lengths)  # [N]
+        canvas_rows = torch.arange(batch).repeat_interleave(lengths) * length + torch.arange(tokens.numel()) - starts
+        canvas = torch.full((batch * length,), pad, dtype=torch.long).index_copy(0, canvas_rows, tokens)
+        anchors[cu_seqlens_from_lengths(lengths)[1:].long() - 1] = False  # EOS and pads are predicted: the length
+        fixed = torch.zeros(batch * length, dtype=torch.bool).index_copy(0, canvas_rows, anchors)  # BOS (+ prompt)
+
+        offset = torch.rand(1, generator=self.generator, dtype=torch.float64)
+        t = self.eps + (1 - self.eps) * ((offset + torch.arange(batch) / batch) % 1.0)  # [B] antithetic times
+        u = torch.rand(batch * length, generator=self.generator, dtype=torch.float64)
+        mask = (u < t.repeat_interleave(length)) & ~fixed
+        weights = (1.0 / t).repeat_interleave(length).float() / (batch * length)
+        return {
+            "input_ids": canvas.masked_fill(mask, self.mask_token_id),
+            "labels": canvas.masked_fill(~mask, IGNORE_INDEX),
+            "label_weights": weights.masked_fill(~mask, 0.0),
+            "cu_seqlens": torch.arange(batch + 1, dtype=torch.int32) * length,
+            "max_seqlen": length,
+            "noise_level": (1.0 - t).float(),
+            TARGET_TOKENS: lengths - 1,
+        }
+
+
+__all__ = ["IGNORE_INDEX", "TARGET_TOKENS", "corrupt_packed", "concat_sequences", "ElasticMDMCollator", "MDLMCollator"]
