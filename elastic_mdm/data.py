@@ -148,8 +148,8 @@ class MDLMCollator:
     Each sequence `BOS .. EOS` is padded to a canvas of `max_length` tokens with `pad_token_id` (EOS when unset); a
     time `t_b ~ U(eps, 1)` per sequence (antithetic: `t_b = (u + b/B) mod 1`) masks every non-anchor position with
     probability `t_b` (linear schedule `α_t = 1 - t`). MDLM's continuous-time NELBO is
-    `E_t[(1/t) Σ_{masked i} -log p_θ(x0_i | x_t)]`; the token weights `1/t_b / (B · L)` make the model's
-    `token_loss` MDLM's training loss (mean over all canvas positions).
+    `E_t[(1/t) Σ_{masked i} -log p_θ(x0_i | x_t)]`; with the token weights `1/t_b` the model's `token_loss` is MDLM's
+    training loss (normalised by all canvas positions) and its per-sequence sums are NELBO estimates.
     """
 
     mask_token_id: int
@@ -181,7 +181,7 @@ class MDLMCollator:
         t = self.eps + (1 - self.eps) * ((offset + torch.arange(batch) / batch) % 1.0)  # [B] antithetic times
         u = torch.rand(batch * length, generator=self.generator, dtype=torch.float64)
         mask = (u < t.repeat_interleave(length)) & ~fixed
-        weights = (1.0 / t).repeat_interleave(length).float() / (batch * length)
+        weights = (1.0 / t).repeat_interleave(length).float()
         return {
             "input_ids": canvas.masked_fill(mask, self.mask_token_id),
             "labels": canvas.masked_fill(~mask, IGNORE_INDEX),

@@ -470,18 +470,20 @@ def reduce_cross_entropy(
     batch_size: int,
     reduction: str,
     weights: torch.Tensor | None = None,  # [rows]
+    num_tokens: int = 1,
 ) -> torch.Tensor:
     """CE of the given rows reduced to a scalar or to per-sequence sums `[batch]`.
 
-    `mean`: `Σ_i w_i CE_i` with weights, else the plain mean (0 when there are no rows, so empty-interior batches stay
-    finite); `sequence`: `Σ_{i in b} w_i CE_i` per sequence `b` (the NELBO terms).
+    `mean`: the mean over rows (0 when there are none, so empty-interior batches stay finite), or with weights
+    `Σ_i w_i CE_i / num_tokens` (MDLM: `1/t` weights, normalised by every position of the canvas);
+    `sequence`: `Σ_{i in b} w_i CE_i` per sequence `b` (the NELBO terms).
     """
     ce = F.cross_entropy(logits.float(), targets, reduction="none")  # [rows]
     if weights is not None:
         ce = ce * weights
     if reduction == "sequence":
         return ce.new_zeros(batch_size).index_add(0, sequence_ids, ce)
-    return ce.sum() if weights is not None else ce.sum() / max(ce.numel(), 1)
+    return ce.sum() / (num_tokens if weights is not None else max(ce.numel(), 1))
 
 
 class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedModel):
@@ -545,8 +547,8 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
             labels: same layout as `input_ids`; the clean token at every mask, -100 elsewhere.
             gap_labels: same layout; at token `i`, the removed count between `i` and the next token, -100 where
                 there is no pair (last token) or no supervision.
-            label_weights: same layout; per-token weights of the token CE (they carry the normalisation:
-                `token_loss = Σ_i w_i CE_i`), e.g. MDLM's `1/t` weights.
+            label_weights: same layout; per-token weights of the token CE, e.g. MDLM's `1/t`; then
+                `token_loss = Σ_i w_i CE_i / tokens` (MDLM's loss).
             loss_reduction: `"mean"` (training) or `"sequence"`: losses are per-sequence sums `[batch]` (NELBO).
             return_logits: return full logits alongside the loss (default: only without targets).
         """
@@ -605,7 +607,9 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
             weights = None if label_weights is None else label_weights[rows].float()
             logits = self.token_logits(hidden[rows])
             sequences = packed.sequence_ids[rows]
-            token_loss = reduce_cross_entropy(logits, labels[rows], sequences, batch, reduction, weights)
+            token_loss = reduce_cross_entropy(
+                logits, labels[rows], sequences, batch, reduction, weights, num_tokens=hidden.shape[0]
+            )
         if gap_labels is not None:
             rows = ((gap_labels != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)
             logits = self.gap_logits(hidden, rows)

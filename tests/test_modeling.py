@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import textwrap
 from pathlib import Path
 
@@ -187,11 +188,24 @@ def test_eager_matches_sdpa(variant: str, dtype: torch.dtype) -> None:
         a = sdpa(ids, cu_seqlens=cu, noise_level=noise)
         b = eager(ids, cu_seqlens=cu, noise_level=noise)
     assert a.logits.dtype == dtype
-    # fp32: same maths, different kernels. bf16: eager softmaxes in fp32, sdpa in bf16 -> a few bf16 ulps of ~O(1)
-    # logits after two layers.
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=3e-2)
-    torch.testing.assert_close(a.logits.float(), b.logits.float(), **tol)
-    torch.testing.assert_close(a.gap_logits.float(), b.gap_logits.float(), **tol)
+    if dtype == torch.float32:  # same maths, different kernels
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.gap_logits, b.gap_logits, atol=1e-5, rtol=1e-5)
+        return
+    # bf16: both are 8-bit-mantissa approximations of the fp32 numbers (eager softmaxes in fp32, sdpa does not). Over
+    # two perturbed layers they drift by up to ~4 % of the largest |logit| (measured 0.10-0.18 on |logit| <= 6); allow
+    # 6 % of the fp32 scale between the backends and to the fp32 reference.
+    reference = tiny_model(variant, attn_implementation="sdpa")
+    reference.load_state_dict({k: v.float() for k, v in sdpa.state_dict().items()})
+    with torch.no_grad():
+        r = reference(ids, cu_seqlens=cu, noise_level=noise)
+    for name in ("logits", "gap_logits"):
+        ref = getattr(r, name)
+        atol = 0.06 * ref[torch.isfinite(ref)].abs().max().item()
+        x, y = getattr(a, name).float(), getattr(b, name).float()
+        torch.testing.assert_close(x, y, atol=atol, rtol=0, msg=f"{name}: sdpa vs eager in bf16")
+        torch.testing.assert_close(x, ref, atol=atol, rtol=0, msg=f"{name}: bf16 sdpa vs fp32")
+        torch.testing.assert_close(y, ref, atol=atol, rtol=0, msg=f"{name}: bf16 eager vs fp32")
 
 
 @pytest.mark.gpu
@@ -438,6 +452,9 @@ def test_cu_seqlens_inconsistent_with_tokens_raises(dit_model) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 FIXED_IDS = [BOS, 5, MASK, 7, MASK, EOS, BOS, 9, 10, MASK, EOS]
+# Reloaded weights are bitwise equal, but safetensors hands out tensors at addresses that are only 4-byte aligned
+# (mmap offsets), and the CPU GEMM kernels then take another path: a few ulps (measured 4e-6 on |logits| <= 6).
+RELOAD_TOL = dict(atol=1e-5, rtol=1e-5)
 FIXED_CU = [0, 6, 11]
 FIXED_NOISE = [0.25, 0.75]
 
@@ -495,7 +512,7 @@ def test_auto_model_reload_in_process(tmp_path: Path, variant: str) -> None:
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, reference[key]), key
         for a, b in zip(_fixed_logits(model), _fixed_logits(loaded)):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, **RELOAD_TOL)
 
 
 def test_generation_config_reloaded(tmp_path: Path) -> None:
@@ -560,10 +577,14 @@ def test_remote_code_round_trip(tmp_path: Path) -> None:
         TRANSFORMERS_OFFLINE="1",
         HF_HOME=str(tmp_path / "hf_home"),
         HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-        PYTHONNOUSERSITE="1",
     )
+    # The package may be pip-installed in editable mode (a .pth finder in site-packages). `-I -S` starts Python
+    # isolated (no PYTHON* variables, no cwd / script dir, no user site) and without `site`, so no .pth file runs;
+    # site-packages itself is then put back on sys.path by hand so that torch and transformers still import.
+    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    bootstrap = f"import sys; sys.path.extend({site_dirs!r})\n"
     result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path), *variants],
+        [sys.executable, "-I", "-S", "-c", bootstrap + REMOTE_SCRIPT, str(tmp_path), *variants],
         cwd=run_dir,
         env=env,
         capture_output=True,
@@ -582,9 +603,12 @@ def test_remote_code_round_trip(tmp_path: Path) -> None:
         assert info["config_class"].endswith("configuration_elastic_mdm.ElasticMDMConfig"), info
         assert info["can_generate"]
         remote = torch.load(tmp_path / f"{variant}_remote.pt")
-        logits, gap_logits = _fixed_logits(models[variant])
-        torch.testing.assert_close(remote["logits"], logits, atol=1e-6, rtol=0)
-        torch.testing.assert_close(remote["gap_logits"], gap_logits, atol=1e-6, rtol=0)
+        for a, b in zip((remote["logits"], remote["gap_logits"]), _fixed_logits(models[variant])):
+            torch.testing.assert_close(a, b, **RELOAD_TOL)
+        # loaded the same way in this process (same weights at the same alignment): bitwise the same numbers
+        local = ElasticMDMForDiffusionLM.from_pretrained(tmp_path / variant)
+        for a, b in zip((remote["logits"], remote["gap_logits"]), _fixed_logits(local)):
+            assert torch.equal(a, b)
         sequences, lengths = remote["sequences"], remote["lengths"]
         assert sequences.shape[0] == 2 and lengths.shape == (2,)
         for row, length in zip(sequences, lengths.tolist()):
@@ -592,7 +616,7 @@ def test_remote_code_round_trip(tmp_path: Path) -> None:
             assert row[0] == BOS and row[length - 1] == EOS
             assert not (row[:length] == MASK).any()
         # same code, same weights, same seed: the in-process sampler draws the same sequences
-        local_sequences, local_lengths = models[variant].generate(num_return_sequences=2, num_steps=4, seed=0)
+        local_sequences, local_lengths = local.generate(num_return_sequences=2, num_steps=4, seed=0)
         assert torch.equal(local_lengths, lengths) and torch.equal(local_sequences, sequences)
     # the saved generation config travels with the remote code too
     assert all(report[v]["generation_num_steps"] == 7 for v in variants), report
