@@ -64,6 +64,12 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         kwargs.setdefault("use_cache", True)
         super().__init__(**kwargs)
 
+    @classmethod
+    def from_model_config(cls, model_config) -> ElasticMDMGenerationConfig:
+        """Defaults plus the special ids of the model config."""
+        ids = ("bos_token_id", "eos_token_id", "pad_token_id")
+        return cls(**{name: getattr(model_config, name, None) for name in ids})
+
     def reveal_schedule(self) -> RevealSchedule:
         return get_schedule(self.schedule, **self.schedule_kwargs)
 
@@ -105,7 +111,7 @@ class ActiveState:
 
     def split(self, on_device: bool = False) -> list[torch.Tensor]:
         """The active sequences as a list of 1-D tensors (on the host unless `on_device`)."""
-        tokens = self.tokens if on_device else self.tokens.cpu()
+        tokens = self.tokens if on_device else self.tokens.to("cpu", copy=True)  # a snapshot, never a view
         return list(tokens.split(self.lengths.tolist()))
 
 
@@ -284,6 +290,23 @@ class ElasticMDMGenerationMixin:
     def diffusion_features(self, input_ids: torch.Tensor, packed, noise_level: torch.Tensor) -> torch.Tensor:
         return self.model.forward_packed(input_ids, packed, noise_level)
 
+    def adjust_generation_fn(
+        self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
+    ) -> None:
+        """Called by `from_pretrained`: load `generation_config.json` as an `ElasticMDMGenerationConfig`."""
+        if generation_config is not None:
+            self.generation_config = ElasticMDMGenerationConfig.from_dict(generation_config.to_dict())
+            return
+        if pretrained_model_name_or_path is None:
+            return
+        loading = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+        try:
+            self.generation_config = ElasticMDMGenerationConfig.from_pretrained(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in loading if k in kwargs}
+            )
+        except OSError:  # no generation_config.json: keep the defaults built from the model config
+            pass
+
     @torch.no_grad()
     def generate(
         self,
@@ -318,7 +341,7 @@ class ElasticMDMGenerationMixin:
         max_length = self._generation_max_length(config)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        state = self._initial_state(input_ids, attention_mask, template_ids, config.num_return_sequences or 1)
+        state = self._initial_state(input_ids, attention_mask, template_ids, config.num_return_sequences)
         if int(state.lengths.max()) > max_length:
             raise ValueError(
                 f"An input has {int(state.lengths.max())} tokens with its anchors, more than max_length={max_length}."
@@ -357,11 +380,15 @@ class ElasticMDMGenerationMixin:
                 f"generate() got unknown arguments {unknown}; see ElasticMDMGenerationConfig for the options."
             )
         params = {**self.generation_config.to_dict()}
-        if generation_config is not None:
-            params.update(generation_config.to_dict())
+        if generation_config is not None:  # only the fields it sets: the others keep the model's values
+            params.update(generation_config.to_diff_dict())
         params.update(kwargs)
         params.pop("transformers_version", None)
+        # Transformers refuses num_return_sequences > 1 with greedy tokens (a beam-search rule); here gap counts
+        # stay random, so the copies differ: keep it out of its validation.
+        num_return_sequences = params.pop("num_return_sequences", None) or 1
         config = ElasticMDMGenerationConfig(**params)
+        config.num_return_sequences = num_return_sequences
         if not isinstance(config.num_steps, int) or config.num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {config.num_steps!r}.")
         if config.gap_temperature <= 0:

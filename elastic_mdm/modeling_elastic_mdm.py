@@ -416,6 +416,8 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
                 "move the inputs with .to(model.device)."
             )
         flat_index = None
+        if input_ids.numel() == 0:
+            raise ValueError("The batch is empty: input_ids holds no sequence.")
         if input_ids.dim() == 2:
             if cu_seqlens is not None:
                 raise ValueError(
@@ -429,6 +431,11 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             raise ValueError("A packed batch needs input_ids of shape [tokens] and cu_seqlens of shape [batch + 1].")
         if cu_seqlens.numel() < 2 or input_ids.numel() == 0:
             raise ValueError("The batch is empty: input_ids holds no sequence.")
+        if int(cu_seqlens[-1]) != input_ids.numel() or int(cu_seqlens[0]) != 0:
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the number of tokens ({input_ids.numel()}), "
+                f"got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}."
+            )
         packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=input_ids.numel())
         if packed.max_seqlen > self.config.max_position_embeddings:
             raise ValueError(
@@ -494,6 +501,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    generation_config_class = ElasticMDMGenerationConfig
     accepts_loss_kwargs = False  # the loss is a per-batch mean: Trainer scales it for gradient accumulation
 
     def __init__(self, config: ElasticMDMConfig):
@@ -502,9 +510,6 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.head_bias)
         self.gap_head = ElasticMDMGapHead(config)
         self.post_init()
-        self.generation_config = ElasticMDMGenerationConfig(
-            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-        )
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
