@@ -67,6 +67,13 @@ def _padded_attention(
     return out.transpose(1, 2).reshape(batch * length, heads, dim)[index]
 
 
+def half_precision(kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Run a flash kernel (fp16/bf16 only) on bf16 copies of fp32 inputs and cast the output back."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return kernel(q, k, v, *args, **kwargs)
+    return kernel(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args, **kwargs).to(q.dtype)
+
+
 def eager_attention(q, k, v, packed: PackedSequences) -> torch.Tensor:
     """Reference attention, softmax(q kᵀ / √d) v in fp32 per sequence."""
     return _padded_attention(q, k, v, packed, eager=True)
@@ -85,7 +92,7 @@ def torch_varlen_attention(q, k, v, packed: PackedSequences) -> torch.Tensor:
             "use attn_implementation='sdpa' on CPU."
         )
     cu = packed.cu_seqlens
-    return varlen_attn(q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
+    return half_precision(varlen_attn, q, k, v, cu, cu, packed.max_seqlen, packed.max_seqlen)
 
 
 def flash_attention_2(q, k, v, packed: PackedSequences) -> torch.Tensor:
@@ -95,7 +102,7 @@ def flash_attention_2(q, k, v, packed: PackedSequences) -> torch.Tensor:
             "attn_implementation='flash_attention_2' needs the flash-attn package: pip install flash-attn."
         )
     cu, length = packed.cu_seqlens, packed.max_seqlen
-    return flash_attn_varlen_func(q, k, v, cu, cu, length, length, causal=False)
+    return half_precision(flash_attn_varlen_func, q, k, v, cu, cu, length, length, causal=False)
 
 
 ATTENTION_FUNCTIONS = {

@@ -77,9 +77,10 @@ def get_schedule(schedule: str | RevealSchedule = "linear", **params: float) -> 
 
 
 def reveal_probability(f_now: torch.Tensor, f_next: torch.Tensor) -> torch.Tensor:
-    """Share of the still-removed positions revealed next step: `q = (F(k+1) - F(k)) / (1 - F(k))`, 1 where F(k) = 1."""
+    """Share of the still-removed positions revealed next step: `q = (F(k+1) - F(k)) / (1 - F(k))`; 0 once F(k) = 1
+    (nothing is left to reveal, so no insertion and no pass)."""
     remaining = 1.0 - f_now
-    return torch.where(remaining > 0, (f_next - f_now) / remaining.clamp_min(1e-300), torch.ones_like(f_now))
+    return torch.where(remaining > 0, (f_next - f_now) / remaining.clamp_min(1e-300), torch.zeros_like(f_now))
 
 
 @dataclass

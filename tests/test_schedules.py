@@ -33,7 +33,9 @@ def test_reveal_probability_reaches_one() -> None:
     for schedule in ALL:
         f = schedule.table(16)
         q = reveal_probability(f[:-1], f[1:])
-        assert q[-1] == 1.0 and bool(((q >= 0) & (q <= 1)).all())
+        assert bool(((q >= 0) & (q <= 1)).all())
+        assert q[(f[:-1] < 1).nonzero().max()] == 1.0  # the last step with something left reveals all of it
+        assert bool((q[f[:-1] == 1] == 0).all())  # nothing left: nothing inserted
         # surviving the k reveals equals 1 - F(k): prod (1 - q_j) = 1 - F(k)
         torch.testing.assert_close(torch.cumprod(1 - q, 0), 1 - f[1:])
 
