@@ -104,8 +104,22 @@ def concat_sequences(
     return tokens, anchors, lengths
 
 
+class SeededCollator:
+    """Collators own a `torch.Generator` seeded with `seed`, so that a batch's noise is reproducible."""
+
+    seed: int | None
+    generator: torch.Generator | None
+
+    def __post_init__(self) -> None:
+        self.reset_generator()
+
+    def reset_generator(self) -> None:
+        """Restart the noise stream from `seed` (evaluation sees the same noise every time)."""
+        self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+
 @dataclass
-class ElasticMDMCollator:
+class ElasticMDMCollator(SeededCollator):
     """Turns tokenized sequences into one packed Elastic-MDM training batch (one forward pass per batch).
 
     Each feature is a dict with `input_ids` (a full clean sequence `BOS .. EOS`) and optionally `anchor_mask`
@@ -123,9 +137,6 @@ class ElasticMDMCollator:
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
         tokens, anchors, lengths = concat_sequences(
@@ -142,7 +153,7 @@ class ElasticMDMCollator:
 
 
 @dataclass
-class MDLMCollator:
+class MDLMCollator(SeededCollator):
     r"""Fixed-length MDLM batch on the same backbone (the baseline objective).
 
     Each sequence `BOS .. EOS` is padded to a canvas of `max_length` tokens with `pad_token_id` (EOS when unset); a
@@ -161,9 +172,6 @@ class MDLMCollator:
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
         tokens, anchors, lengths = concat_sequences(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -16,6 +17,8 @@ from transformers import Trainer, TrainingArguments
 
 from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "elastic_mdm.md"
 
 OBJECTIVES = ("elastic", "mdlm")
 
@@ -108,6 +111,7 @@ class ElasticMDMTrainer(Trainer):
         if args is None or not isinstance(args, ElasticMDMTrainingArguments):
             raise TypeError("ElasticMDMTrainer needs args=ElasticMDMTrainingArguments(...).")
         train_collator, self.eval_collator = make_collators(args, model.config)
+        model.config.objective = args.objective  # generate() samples with the matching sampler
         if args.gap_loss_weight is not None:
             model.config.gap_loss_weight = args.gap_loss_weight
         super().__init__(model=model, args=args, data_collator=data_collator or train_collator, **kwargs)
@@ -145,8 +149,18 @@ class ElasticMDMTrainer(Trainer):
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
 
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
+        """Write `README.md` from `model_cards/elastic_mdm.md` (also what `push_to_hub` uploads)."""
+        if not self.is_world_process_zero():
+            return
+        eval_results = {k: v for log in self.state.log_history for k, v in log.items() if k.startswith("eval_")}
+        card = build_model_card(
+            self.model, self.args, dataset_name or getattr(self, "dataset_name", None), eval_results, model_name
+        )
+        card.save(Path(self.args.output_dir) / "README.md")
+
     def _eval_dataloader(self, dataset: Dataset) -> DataLoader:
-        self.eval_collator.__post_init__()  # re-seed: every evaluation sees the same noise
+        self.eval_collator.reset_generator()  # every evaluation sees the same noise
         loader = DataLoader(
             dataset,
             batch_size=self.args.per_device_eval_batch_size,
@@ -181,4 +195,71 @@ def nelbo_metrics(model, loader, args: ElasticMDMTrainingArguments, accelerator)
     }
 
 
-__all__ = ["OBJECTIVES", "ElasticMDMTrainingArguments", "ElasticMDMTrainer", "make_collators", "nelbo_metrics"]
+def build_model_card(
+    model,
+    args: ElasticMDMTrainingArguments,
+    dataset_name: str | None,
+    eval_results: dict[str, float],
+    model_name: str | None = None,
+):
+    """A `huggingface_hub.ModelCard` filled with the config, data, objective, noise, optimiser and eval numbers."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = getattr(model, "config", None) or model.module.config
+    repo_id = args.hub_model_id or model_name or Path(args.output_dir).name
+    card_data = ModelCardData(
+        library_name="transformers",
+        license="apache-2.0",
+        tags=["elastic-mdm", "masked-diffusion", "variable-length", args.objective],
+        datasets=[dataset_name] if dataset_name else None,
+        pipeline_tag="fill-mask",
+    )
+    generation = getattr(model, "generation_config", None)
+    values = {
+        name: getattr(config, name)
+        for name in (
+            "block_type",
+            "num_hidden_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "max_gap",
+            "vocab_size",
+            "mask_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "time_conditioning",
+        )
+    }
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=model_name or repo_id,
+        repo_id=repo_id,
+        num_parameters=f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M",
+        objective=args.objective,
+        dataset=dataset_name or "unspecified",
+        schedule_families=", ".join(args.schedule_families),
+        horizon_min=args.horizon_min,
+        horizon_max=args.horizon_max,
+        length_share=args.length_share,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.per_device_train_batch_size,
+        max_steps=args.max_steps,
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        eval_results={k: round(v, 4) if isinstance(v, float) else v for k, v in eval_results.items()},
+        num_steps=getattr(generation, "num_steps", 128),
+        schedule=getattr(generation, "schedule", "linear"),
+        **values,
+    )
+
+
+__all__ = [
+    "OBJECTIVES",
+    "ElasticMDMTrainingArguments",
+    "ElasticMDMTrainer",
+    "make_collators",
+    "nelbo_metrics",
+    "build_model_card",
+]

@@ -1,0 +1,165 @@
+"""Train an Elastic-MDM (or the MDLM baseline, `--objective mdlm`) with the Transformers `Trainer`.
+
+    python scripts/train.py configs/tiny.yaml [--output_dir out --max_steps 100 ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py configs/owt-110m.yaml
+
+A YAML file gives any field of ModelArguments, DataArguments, ElasticMDMTrainingArguments and ReportArguments;
+command-line flags override it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, set_seed
+
+from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm.corpus import (
+    DataArguments,
+    check_vocab,
+    ensure_special_tokens,
+    load_datasets,
+    load_tokenizer,
+    sync_config_with_tokenizer,
+)
+from elastic_mdm.evaluation import sample_report
+from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """A checkpoint to start from, or the shape of a new model."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Checkpoint folder or Hub id."})
+    block_type: str = field(default="dit", metadata={"help": "'dit' (MDLM) or 'llama' (LLaDA) blocks."})
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 1024
+    time_conditioning: bool = False
+    cond_dim: int = 128
+    gap_head_type: str = "concat"
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | varlen_attn | flash_attention_2"})
+
+
+@dataclass
+class ReportArguments:
+    """Samples drawn after training to compare lengths with the data (and JSON validity on the built-in task)."""
+
+    report_num_samples: int = field(default=0, metadata={"help": "Unconditional samples for the report (0: none)."})
+    report_num_steps: int = 64
+    report_schedule: str = "linear"
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments]:
+    """`[config.yaml] [--flag value ...]`: the YAML values first, the flags after them (the last one wins)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments))
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv[0]) as f:
+            argv = yaml_to_flags(yaml.safe_load(f) or {}) + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def yaml_to_flags(values: dict) -> list[str]:
+    """`{"lr": 3e-4, "families": ["linear", "cosine"]}` -> `["--lr", "0.0003", "--families", "linear", "cosine"]`."""
+    flags = []
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)):
+            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [f"--{key}", json.dumps(value)]
+        elif value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def build_model(model_args: ModelArguments, tokenizer) -> ElasticMDMForDiffusionLM:
+    """Load the checkpoint (its vocabulary must fit the tokenizer) or build a new model sized by `model_args`."""
+    if model_args.model_name_or_path:
+        path = model_args.model_name_or_path
+        path = str(Path(path).resolve()) if Path(path).exists() else path  # a missing local path is a Hub id
+        model = ElasticMDMForDiffusionLM.from_pretrained(path, attn_implementation=model_args.attn_implementation)
+        if len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
+        check_vocab(model.config, tokenizer)
+        return model
+    shape = {k: v for k, v in vars(model_args).items() if k not in ("model_name_or_path", "attn_implementation")}
+    config = sync_config_with_tokenizer(ElasticMDMConfig(**shape), tokenizer)
+    return ElasticMDMForDiffusionLM._from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. arguments
+    model_args, data_args, training_args, report_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    set_seed(training_args.seed)
+
+    # 2. tokenizer (BOS / EOS / mask added when missing) and model
+    tokenizer = load_tokenizer(data_args)
+    ensure_special_tokens(tokenizer)
+    model = build_model(model_args, tokenizer)
+
+    # 3. data: natural lengths, long documents split into chunks
+    train_dataset, eval_dataset = load_datasets(
+        data_args, tokenizer, model.config.max_position_embeddings, training_args.seed
+    )
+
+    # 4. train
+    trainer = ElasticMDMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.dataset_name = data_args.dataset_name or ", ".join(data_args.train_files or [])
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # 5. evaluate, save (weights, remote code, tokenizer, generation config, model card), push
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
+    model.generation_config.num_steps = report_args.report_num_steps
+    model.generation_config.schedule = report_args.report_schedule
+    trainer.save_model()
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+
+    # 6. report: generated vs data lengths (and JSON validity on the built-in task)
+    if report_args.report_num_samples and trainer.is_world_process_zero():
+        metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
+    return metrics
+
+
+def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
+    """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
+    from elastic_mdm.corpus import length_statistics
+    from elastic_mdm.synthetic import SCHEMAS
+
+    model.eval()
+    schemas = list(SCHEMAS.values()) if data_args.dataset_name == "synthetic-json" else None
+    result = sample_report(
+        model,
+        tokenizer,
+        length_statistics(eval_dataset),
+        num_samples=report_args.report_num_samples,
+        output_dir=Path(training_args.output_dir) / "report",
+        schemas=schemas,
+        seed=training_args.seed,
+        num_steps=report_args.report_num_steps,
+        schedule=report_args.report_schedule,
+    )
+    print(f"\nLengths, generated vs data ({report_args.report_num_samples} samples, K={report_args.report_num_steps}, "
+          f"{report_args.report_schedule} schedule):")
+    print(result["table"])
+    summary = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
+    print(json.dumps(summary, indent=1))
+    print(f"histogram: {result['histogram_png']}; checkpoint: {training_args.output_dir}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
