@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .packing import cu_seqlens_from_lengths
+from .packing import PackedSequences, cu_seqlens_from_lengths
 from .schedules import NoiseLevelSampler
 
 IGNORE_INDEX = -100
@@ -104,11 +104,24 @@ def concat_sequences(
     return tokens, anchors, lengths
 
 
-class SeededCollator:
-    """Collators own a `torch.Generator` seeded with `seed`, so that a batch's noise is reproducible."""
+@dataclass
+class PackingCollator:
+    """Packs clean sequences and applies a forward process to them.
 
-    seed: int | None
-    generator: torch.Generator | None
+    `collator(features)` returns a training batch. With `defer_noise=True` it returns the packed *clean* batch
+    (`clean_ids`, `anchor_mask`, `clean_cu_seqlens`) and `collator.apply_noise(batch)` corrupts it later, on the
+    batch's device with the global RNG: what `ElasticMDMTrainer` does, so that the noise runs on the GPU and a resumed
+    run draws exactly the noise of the original one (the Trainer checkpoints the RNG states). Otherwise the noise
+    comes from the collator's own generator, seeded with `seed`.
+    """
+
+    mask_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+    max_length: int
+    seed: int | None = None
+    defer_noise: bool = False
+    generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.reset_generator()
@@ -117,9 +130,36 @@ class SeededCollator:
         """Restart the noise stream from `seed` (evaluation sees the same noise every time)."""
         self.generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
+        tokens, anchors, lengths = concat_sequences(
+            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length
+        )
+        clean = {
+            "clean_ids": tokens,
+            "anchor_mask": anchors,
+            "clean_cu_seqlens": cu_seqlens_from_lengths(lengths),
+            TARGET_TOKENS: lengths - 1,
+        }
+        return clean if self.defer_noise else self.apply_noise(clean, self.generator)
+
+    def apply_noise(self, clean: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+        """The training batch of a packed clean batch (same device)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def is_clean(batch: dict) -> bool:
+        return "clean_ids" in batch
+
+
+def draw(shape: int, clean: dict, generator: torch.Generator | None) -> torch.Tensor:
+    """`U(0, 1)` float64 draws on the batch's device (from `generator` on its own device, moved if needed)."""
+    device = clean["clean_ids"].device
+    on = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, dtype=torch.float64, device=on).to(device)
+
 
 @dataclass
-class ElasticMDMCollator(SeededCollator):
+class ElasticMDMCollator(PackingCollator):
     """Turns tokenized sequences into one packed Elastic-MDM training batch (one forward pass per batch).
 
     Each feature is a dict with `input_ids` (a full clean sequence `BOS .. EOS`) and optionally `anchor_mask`
@@ -129,31 +169,28 @@ class ElasticMDMCollator(SeededCollator):
     Use it as the `data_collator` of a `Trainer` (with `remove_unused_columns=False`).
     """
 
-    mask_token_id: int
-    bos_token_id: int
-    eos_token_id: int
-    max_length: int
     noise_sampler: NoiseLevelSampler = field(default_factory=NoiseLevelSampler)
-    seed: int | None = None
-    generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
-        tokens, anchors, lengths = concat_sequences(
-            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length
+    def apply_noise(self, clean: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+        tokens, cu = clean["clean_ids"], clean["clean_cu_seqlens"]
+        batch = cu.numel() - 1
+        packed = PackedSequences.from_cu_seqlens(cu, max_seqlen=0, num_tokens=tokens.numel())  # max unused here
+        clean_share, active_share = self.noise_sampler(batch, generator=generator)  # CPU draws: [B] each
+        uniforms = draw(tokens.numel(), clean, generator)
+        out = corrupt_packed(
+            tokens,
+            packed.sequence_ids,
+            clean["anchor_mask"],
+            clean_share.to(tokens.device),
+            active_share.to(tokens.device),
+            uniforms,
+            self.mask_token_id,
         )
-        batch = lengths.numel()
-        sequence_ids = torch.arange(batch).repeat_interleave(lengths)  # [N]
-        clean_share, active_share = self.noise_sampler(batch, generator=self.generator)
-        uniforms = torch.rand(tokens.numel(), generator=self.generator, dtype=torch.float64)
-        batch_out = corrupt_packed(
-            tokens, sequence_ids, anchors, clean_share, active_share, uniforms, self.mask_token_id
-        )
-        return {**batch_out, TARGET_TOKENS: lengths - 1}
+        return {**out, TARGET_TOKENS: clean[TARGET_TOKENS]}
 
 
 @dataclass
-class MDLMCollator(SeededCollator):
+class MDLMCollator(PackingCollator):
     r"""Fixed-length MDLM batch on the same backbone (the baseline objective).
 
     Each sequence `BOS .. EOS` is padded to a canvas of `max_length` tokens with `pad_token_id` (EOS when unset); a
@@ -163,42 +200,40 @@ class MDLMCollator(SeededCollator):
     training loss (normalised by all canvas positions) and its per-sequence sums are NELBO estimates.
     """
 
-    mask_token_id: int
-    bos_token_id: int
-    eos_token_id: int
-    max_length: int
     pad_token_id: int | None = None
     eps: float = 1e-3
-    seed: int | None = None
-    generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
-        tokens, anchors, lengths = concat_sequences(
-            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length
-        )
-        batch, length = lengths.numel(), self.max_length
+    def apply_noise(self, clean: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
+        tokens, anchors, cu = clean["clean_ids"], clean["anchor_mask"].clone(), clean["clean_cu_seqlens"].long()
+        device, batch, length = tokens.device, cu.numel() - 1, self.max_length
         pad = self.eos_token_id if self.pad_token_id is None else self.pad_token_id
-        starts = cu_seqlens_from_lengths(lengths)[:-1].long().repeat_interleave(lengths)  # [N]
-        canvas_rows = torch.arange(batch).repeat_interleave(lengths) * length + torch.arange(tokens.numel()) - starts
-        canvas = torch.full((batch * length,), pad, dtype=torch.long).index_copy(0, canvas_rows, tokens)
-        anchors[cu_seqlens_from_lengths(lengths)[1:].long() - 1] = False  # EOS and pads are predicted: the length
-        fixed = torch.zeros(batch * length, dtype=torch.bool).index_copy(0, canvas_rows, anchors)  # BOS (+ prompt)
+        packed = PackedSequences.from_cu_seqlens(cu, max_seqlen=length, num_tokens=tokens.numel())
+        canvas_rows = packed.padded_index()  # row of each token in the [B * L] canvas
+        canvas = torch.full((batch * length,), pad, dtype=torch.long, device=device).index_copy(0, canvas_rows, tokens)
+        anchors[cu[1:] - 1] = False  # EOS and pads are predicted: they carry the length
+        fixed = torch.zeros(batch * length, dtype=torch.bool, device=device).index_copy(0, canvas_rows, anchors)
 
-        offset = torch.rand(1, generator=self.generator, dtype=torch.float64)
-        t = self.eps + (1 - self.eps) * ((offset + torch.arange(batch) / batch) % 1.0)  # [B] antithetic times
-        u = torch.rand(batch * length, generator=self.generator, dtype=torch.float64)
-        mask = (u < t.repeat_interleave(length)) & ~fixed
+        offset = draw(1, clean, generator)
+        t = self.eps + (1 - self.eps) * ((offset + torch.arange(batch, device=device) / batch) % 1.0)  # [B]
+        mask = (draw(batch * length, clean, generator) < t.repeat_interleave(length)) & ~fixed
         weights = (1.0 / t).repeat_interleave(length).float()
         return {
             "input_ids": canvas.masked_fill(mask, self.mask_token_id),
             "labels": canvas.masked_fill(~mask, IGNORE_INDEX),
             "label_weights": weights.masked_fill(~mask, 0.0),
-            "cu_seqlens": torch.arange(batch + 1, dtype=torch.int32) * length,
+            "cu_seqlens": torch.arange(batch + 1, dtype=torch.int32, device=device) * length,
             "max_seqlen": length,
             "noise_level": (1.0 - t).float(),
-            TARGET_TOKENS: lengths - 1,
+            TARGET_TOKENS: clean[TARGET_TOKENS],
         }
 
 
-__all__ = ["IGNORE_INDEX", "TARGET_TOKENS", "corrupt_packed", "concat_sequences", "ElasticMDMCollator", "MDLMCollator"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TARGET_TOKENS",
+    "corrupt_packed",
+    "concat_sequences",
+    "PackingCollator",
+    "ElasticMDMCollator",
+    "MDLMCollator",
+]

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 
-from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator
+from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator, PackingCollator
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "elastic_mdm.md"
@@ -81,7 +81,8 @@ class ElasticMDMTrainingArguments(TrainingArguments):
 def make_collators(
     args: ElasticMDMTrainingArguments, config
 ) -> tuple[ElasticMDMCollator | MDLMCollator, ElasticMDMCollator | MDLMCollator]:
-    """Training and evaluation collators of the objective (the evaluation one is seeded: the same noise every run)."""
+    """Training and evaluation collators of the objective. Training noise is drawn at loss time on the device from
+    the global RNG (checkpointed by the Trainer: exact resume); evaluation noise is seeded (the same every run)."""
     ids = dict(
         mask_token_id=config.mask_token_id,
         bos_token_id=config.bos_token_id,
@@ -90,8 +91,8 @@ def make_collators(
     )
     if args.objective == "mdlm":
         pad = dict(pad_token_id=config.pad_token_id)
-        return MDLMCollator(**ids, **pad, seed=args.seed), MDLMCollator(**ids, **pad, seed=args.seed + 1)
-    train = ElasticMDMCollator(**ids, noise_sampler=args.noise_sampler(), seed=args.seed)
+        return MDLMCollator(**ids, **pad, defer_noise=True), MDLMCollator(**ids, **pad, seed=args.seed + 1)
+    train = ElasticMDMCollator(**ids, noise_sampler=args.noise_sampler(), defer_noise=True)
     return train, ElasticMDMCollator(**ids, noise_sampler=args.eval_noise_sampler(), seed=args.seed + 1)
 
 
@@ -119,6 +120,8 @@ class ElasticMDMTrainer(Trainer):
         self._component_count = 0
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        if PackingCollator.is_clean(inputs):  # deferred noise: drawn here, on the batch's device
+            inputs = self.data_collator.apply_noise(inputs)
         outputs = model(**{k: v for k, v in inputs.items() if k != TARGET_TOKENS})
         if model.training:
             for name in ("token_loss", "gap_loss"):
