@@ -1,4 +1,9 @@
 import os
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,3 +19,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def isolated_python(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Run Python code in a fresh interpreter where `elastic_mdm` is NOT importable, offline: what a user who only
+    has the checkpoint folder gets with `trust_remote_code=True`.
+
+    The package may be pip-installed in editable mode (a .pth finder in site-packages). `-I -S` starts Python isolated
+    (no PYTHON* variables, no cwd / script dir, no user site) and without `site`, so no .pth file runs;
+    site-packages itself is then put back on sys.path by hand so that torch and transformers still import.
+    """
+    run_dir = tmp_path / "isolated_cwd"
+    run_dir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+    )
+    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    bootstrap = f"import sys; sys.path.extend({site_dirs!r})\n"
+
+    def run(code: str, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-I", "-S", "-c", bootstrap + code, *args],
+            cwd=run_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import sysconfig
 import textwrap
 from itertools import pairwise
 from pathlib import Path
@@ -562,7 +559,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_remote_code_round_trip(tmp_path: Path) -> None:
+def test_remote_code_round_trip(tmp_path: Path, isolated_python) -> None:
     """save_pretrained, then load with trust_remote_code in a fresh interpreter where `elastic_mdm` is not importable:
     same logits, and generate works from the copied code."""
     variants = ["dit", "llama-adaln-time"]
@@ -571,28 +568,7 @@ def test_remote_code_round_trip(tmp_path: Path) -> None:
         (torch.tensor(FIXED_IDS), torch.tensor(FIXED_CU, dtype=torch.int32), torch.tensor(FIXED_NOISE)),
         tmp_path / "inputs.pt",
     )
-    run_dir = tmp_path / "cwd"
-    run_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=str(tmp_path / "hf_home"),
-        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-    )
-    # The package may be pip-installed in editable mode (a .pth finder in site-packages). `-I -S` starts Python
-    # isolated (no PYTHON* variables, no cwd / script dir, no user site) and without `site`, so no .pth file runs;
-    # site-packages itself is then put back on sys.path by hand so that torch and transformers still import.
-    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    bootstrap = f"import sys; sys.path.extend({site_dirs!r})\n"
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", bootstrap + REMOTE_SCRIPT, str(tmp_path), *variants],
-        cwd=run_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = isolated_python(REMOTE_SCRIPT, str(tmp_path), *variants, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT="))[7:])
     assert not report["elastic_mdm_importable"], report["sys_path"]

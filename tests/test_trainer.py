@@ -1,0 +1,160 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+
+pytest.importorskip("jsonschema")
+from elastic_mdm import synthetic  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return synthetic.build_tokenizer(num_records=400)
+
+
+@pytest.fixture(scope="module")
+def records(tokenizer):
+    return synthetic.synthetic_dataset(tokenizer, 600, seed=0), synthetic.synthetic_dataset(tokenizer, 64, seed=1)
+
+
+def tiny_model(tokenizer, seed: int = 0) -> ElasticMDMForDiffusionLM:
+    torch.manual_seed(seed)
+    config = ElasticMDMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=80,
+        mask_token_id=tokenizer.mask_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return ElasticMDMForDiffusionLM(config)
+
+
+def arguments(output_dir: Path, **overrides) -> ElasticMDMTrainingArguments:
+    values = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        learning_rate=3e-3,
+        max_steps=20,
+        logging_steps=10,
+        horizon_min=4,
+        horizon_max=64,
+        length_share=0.1,
+        eval_num_steps=16,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return ElasticMDMTrainingArguments(**values)
+
+
+def logged(trainer: ElasticMDMTrainer, key: str) -> list[float]:
+    return [float(log[key]) for log in trainer.state.log_history if key in log]
+
+
+@pytest.mark.parametrize("objective", ["elastic", "mdlm"])
+def test_losses_fall_on_builtin_task(tmp_path, tokenizer, records, objective: str) -> None:
+    """A few hundred steps of a tiny model: the loss terms fall, the NELBO bound is finite and falls."""
+    train, held_out = records
+    args = arguments(tmp_path, objective=objective, max_steps=150, logging_steps=25)
+    trainer = ElasticMDMTrainer(
+        model=tiny_model(tokenizer), args=args, train_dataset=train, eval_dataset=held_out
+    )
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert logged(trainer, "token_loss")[-1] < logged(trainer, "token_loss")[0]
+    assert after["eval_token_loss"] < 0.8 * before["eval_token_loss"]
+    if objective == "elastic":
+        assert logged(trainer, "gap_loss")[-1] < logged(trainer, "gap_loss")[0]
+        assert after["eval_gap_loss"] < 0.5 * before["eval_gap_loss"]
+    for metrics in (before, after):
+        assert math.isfinite(metrics["eval_nelbo_bits_per_token"]) and metrics["eval_ppl_bound"] > 1.0
+    assert after["eval_nelbo_bits_per_token"] < 0.8 * before["eval_nelbo_bits_per_token"]
+    assert trainer.model.config.objective == objective
+
+
+def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
+    """Training 6 steps straight and resuming from the step-3 checkpoint give the same losses and weights."""
+    train, _ = records
+    common = dict(max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3)
+    straight = ElasticMDMTrainer(
+        model=tiny_model(tokenizer), args=arguments(tmp_path / "a", **common), train_dataset=train
+    )
+    straight.train()
+    resumed = ElasticMDMTrainer(
+        model=tiny_model(tokenizer, seed=123), args=arguments(tmp_path / "b", **common), train_dataset=train
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert logged(straight, "loss")[3:] == logged(resumed, "loss")[-3:]
+    assert logged(straight, "token_loss")[3:] == logged(resumed, "token_loss")[-3:]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_trainer_features_bf16_accumulation_checkpointing(tmp_path, tokenizer, records) -> None:
+    """bf16 autocast, gradient accumulation and gradient checkpointing run together and log both terms."""
+    train, held_out = records
+    args = arguments(
+        tmp_path, max_steps=4, logging_steps=2, bf16=True, gradient_accumulation_steps=2, gradient_checkpointing=True
+    )
+    trainer = ElasticMDMTrainer(model=tiny_model(tokenizer), args=args, train_dataset=train, eval_dataset=held_out)
+    trainer.train()
+    assert len(logged(trainer, "gap_loss")) == 2 and all(math.isfinite(x) for x in logged(trainer, "loss"))
+    assert math.isfinite(trainer.evaluate()["eval_nelbo_bits_per_token"])
+
+
+CHECKPOINT_SCRIPT = """
+import sys
+import torch
+from transformers import AutoModel, AutoTokenizer
+path = sys.argv[1]
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(path)
+sequences, lengths = model.generate(num_return_sequences=3, num_steps=8, seed=0)
+assert model.config.objective == "elastic"
+for row, n in zip(sequences, lengths.tolist()):
+    assert row[0] == tokenizer.bos_token_id and row[n - 1] == tokenizer.eos_token_id
+print("DECODED=" + repr(tokenizer.batch_decode([r[:n] for r, n in zip(sequences, lengths)], skip_special_tokens=True)))
+"""
+
+
+def test_saved_checkpoint_reloads_with_remote_code_and_generates(tmp_path, tokenizer, records, isolated_python) -> None:
+    train, held_out = records
+    trainer = ElasticMDMTrainer(
+        model=tiny_model(tokenizer),
+        args=arguments(tmp_path / "run", max_steps=3),
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+    )
+    trainer.dataset_name = "synthetic-json"
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model()
+    trainer.create_model_card()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "elastic-mdm" in card and "eval_nelbo_bits_per_token" in card and "synthetic-json" in card
+    result = isolated_python(CHECKPOINT_SCRIPT, str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DECODED=" in result.stdout
+
+
+def test_bad_training_arguments(tmp_path) -> None:
+    with pytest.raises(ValueError, match="objective"):
+        arguments(tmp_path, objective="ar")
+    with pytest.raises(ValueError, match="schedule_families"):
+        arguments(tmp_path, schedule_families=["linear", "square"])
+    with pytest.raises(ValueError, match="eval_num_steps"):
+        arguments(tmp_path, eval_num_steps=0)
