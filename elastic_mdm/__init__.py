@@ -3,7 +3,8 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_elastic_mdm import ElasticMDMConfig
-from .generation_elastic_mdm import ElasticMDMGenerateOutput, ElasticMDMGenerationConfig, sample_elastic
+from .data import ElasticMDMCollator, MDLMCollator
+from .generation_elastic_mdm import ElasticMDMGenerateOutput, ElasticMDMGenerationConfig, sample_elastic, sample_mdlm
 from .modeling_elastic_mdm import ElasticMDMForDiffusionLM, ElasticMDMModel, ElasticMDMOutput
 from .packing import PackedSequences
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
@@ -27,4 +28,7 @@ __all__ = [
     "SCHEDULES",
     "get_schedule",
     "sample_elastic",
+    "sample_mdlm",
+    "ElasticMDMCollator",
+    "MDLMCollator",
 ]

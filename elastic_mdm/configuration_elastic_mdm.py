@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 BLOCK_TYPES = ("dit", "llama")
+OBJECTIVES = ("elastic", "mdlm")
 AUTO_MAP = {
     "AutoConfig": "configuration_elastic_mdm.ElasticMDMConfig",
     "AutoModel": "modeling_elastic_mdm.ElasticMDMForDiffusionLM",
@@ -41,6 +42,11 @@ class ElasticMDMConfig(PretrainedConfig):
         tie_word_embeddings: Tie the token head to the input embedding.
         initializer_range: Std of the normal initialisation.
         mask_token_id, bos_token_id, eos_token_id, pad_token_id: Special ids. BOS may equal EOS (GPT-2 style).
+        objective: The objective the checkpoint was trained with; `generate()` dispatches on it.
+            `"elastic"`: the Elastic-MDM process (`ElasticMDMCollator`: active tokens only, gap head trained),
+            sampled by `sample_elastic` with variable lengths. `"mdlm"`: the MDLM baseline on a fixed canvas of
+            `max_position_embeddings` tokens (`MDLMCollator`: `BOS` + sequence + `EOS` + pads, the gap head unused),
+            sampled by `sample_mdlm`, MDLM's ancestral sampler on that canvas.
     """
 
     model_type = "elastic_mdm"
@@ -70,8 +76,14 @@ class ElasticMDMConfig(PretrainedConfig):
         bos_token_id: int | None = 50256,
         eos_token_id: int | None = 50256,
         pad_token_id: int | None = None,
+        objective: str = "elastic",
         **kwargs,
     ):
+        if objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective={objective!r} is unknown; use one of {OBJECTIVES} (the objective the checkpoint was "
+                "trained with)."
+            )
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type={block_type!r} is unknown; use one of {BLOCK_TYPES}.")
         if hidden_size % num_attention_heads:
@@ -100,6 +112,7 @@ class ElasticMDMConfig(PretrainedConfig):
         self.head_bias = is_dit if head_bias is None else head_bias
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
+        self.objective = objective
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
             bos_token_id=bos_token_id,

@@ -1,7 +1,9 @@
-"""Variable-length sampling for Elastic-MDM (DESIGN §3, the paper's Alg. 1 made exact).
+"""Sampling for Elastic-MDM (DESIGN §3, the paper's Alg. 1 made exact) and for the MDLM baseline.
 
-The sampler works on a packed stream: every sequence of the batch keeps its own active length, nothing is padded
-to a canvas. See `sample_elastic` for the algorithm.
+`sample_elastic` works on a packed stream: every sequence of the batch keeps its own active length, nothing is
+padded to a canvas. `sample_mdlm` is MDLM's ancestral sampler on a fixed canvas of `max_length` tokens, run through
+the same denoiser protocol, packing, step cache and token sampling, so that the two are compared on identical code.
+`generate()` picks one by the model config's `objective`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
-from .packing import PackedSequences
+from .packing import PackedSequences, cu_seqlens_from_lengths
 from .schedules import RevealSchedule, get_schedule, reveal_probability
 
 
@@ -38,8 +40,14 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         output_trajectory: Return the active sequence of every step (`return_dict_in_generate=True`).
         progress_bar: Show a tqdm bar over the steps.
         max_length: Safety cap on the total length of a sequence, anchors included (default: the model's
-            `max_position_embeddings`). Sequences that reach it are flagged in `hit_max_length`.
+            `max_position_embeddings`). Sequences that reach it are flagged in `hit_max_length`. For
+            `objective="mdlm"` models it is the canvas length `L`.
+        mdlm_gap_budget: `objective="mdlm"` with `template_ids` only: the fixed number of placeholder masks each
+            open gap of a template gets (the paper's §5.4 MDLM baseline). Pad / EOS tokens the model writes inside a
+            gap are dropped from the result: they are how MDLM writes a value shorter than the budget.
         do_sample, temperature, top_k, top_p: Token sampling, as in Transformers.
+
+    `gap_temperature` and `gap_do_sample` only concern `objective="elastic"` models (MDLM has no gap head).
     """
 
     def __init__(
@@ -51,6 +59,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         gap_do_sample: bool = True,
         output_trajectory: bool = False,
         progress_bar: bool = False,
+        mdlm_gap_budget: int | None = None,
         **kwargs,
     ):
         self.num_steps = num_steps
@@ -60,6 +69,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         self.gap_do_sample = gap_do_sample
         self.output_trajectory = output_trajectory
         self.progress_bar = progress_bar
+        self.mdlm_gap_budget = mdlm_gap_budget
         kwargs.setdefault("do_sample", True)
         kwargs.setdefault("use_cache", True)
         super().__init__(**kwargs)
@@ -77,9 +87,10 @@ class ElasticMDMGenerationConfig(GenerationConfig):
 @dataclass
 class ElasticMDMGenerateOutput(ModelOutput):
     """`sequences` `[batch, max_len]` padded with the pad (or EOS) id; `lengths` `[batch]` true lengths (anchors
-    included); `hit_max_length` `[batch]` whether a sequence was stopped by `max_length`; `trajectory[k][b]` the
-    active sequence `b` fed at step `k` (when asked); `num_passes` denoiser passes run and `tokens_processed` the
-    tokens they encoded."""
+    included); `hit_max_length` `[batch]` whether a sequence was stopped by `max_length` (MDLM: no EOS on the canvas;
+    MDLM templates: a gap used its whole budget); `trajectory[k][b]` the sequence `b` fed at step `k` (the active
+    sequence for Elastic, the whole canvas for MDLM; the last entry is the final state), when asked; `num_passes`
+    denoiser passes run and `tokens_processed` the tokens they encoded."""
 
     sequences: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
@@ -89,12 +100,16 @@ class ElasticMDMGenerateOutput(ModelOutput):
     tokens_processed: int | None = None
 
 
-class Denoiser(Protocol):
-    """What the sampler needs of a model: features of a packed stream and the two heads on selected rows."""
+class TokenDenoiser(Protocol):
+    """What `sample_mdlm` needs of a model: features of a packed stream and the token head on selected rows."""
 
     def diffusion_features(self, input_ids: torch.Tensor, packed, noise_level: torch.Tensor) -> torch.Tensor: ...
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class Denoiser(TokenDenoiser, Protocol):
+    """What `sample_elastic` needs: a `TokenDenoiser` with the gap head too."""
 
     def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor: ...
 
@@ -113,6 +128,20 @@ class ActiveState:
         """The active sequences as a list of 1-D tensors (on the host unless `on_device`)."""
         tokens = self.tokens if on_device else self.tokens.to("cpu", copy=True)  # a snapshot, never a view
         return list(tokens.split(self.lengths.tolist()))
+
+    def select(self, keep: torch.Tensor) -> ActiveState:
+        """The state restricted to the rows flagged in `keep` `[T]` (order kept)."""
+        lengths = torch.zeros_like(self.lengths).index_add_(0, self.sequence_ids, keep.long())
+        return ActiveState(self.tokens[keep], self.sequence_ids[keep], self.open_after[keep], lengths)
+
+    def positions(self) -> torch.Tensor:
+        """`[T]` index of every token inside its sequence."""
+        starts = cu_seqlens_from_lengths(self.lengths)[:-1].long()  # [B]
+        return torch.arange(self.tokens.numel(), device=self.tokens.device) - starts[self.sequence_ids]
+
+    def last_rows(self) -> torch.Tensor:
+        """`[B]` row of the last token of every sequence."""
+        return cu_seqlens_from_lengths(self.lengths)[1:].long() - 1
 
 
 def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -168,6 +197,64 @@ def cap_insertions(
     return capped, clipped
 
 
+def reveal_tables(schedule: RevealSchedule, num_steps: int) -> tuple[list[float], list[float]]:
+    """`F(0..K)` and `q_0..q_K` with `q_k = (F(k+1) - F(k)) / (1 - F(k))` and `q_K = 0`, as host floats (the step
+    loop then reads them without a device sync). `q_{K-1} = 1` unless everything was revealed before."""
+    reveal = schedule.table(num_steps)  # float64 on the host
+    share = reveal_probability(reveal[:-1], reveal[1:]).tolist() + [0.0]
+    return reveal.tolist(), share
+
+
+def step_range(num_steps: int, desc: str, progress_bar: bool):
+    """`range(num_steps)`, wrapped in a tqdm bar when asked."""
+    steps = range(num_steps)
+    if not progress_bar:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, total=num_steps)
+
+
+def fill_tokens(
+    denoiser: TokenDenoiser,
+    hidden: torch.Tensor,
+    state: ActiveState,
+    rows: torch.Tensor,
+    dirty: torch.Tensor,
+    token_processors: LogitsProcessorList,
+    do_sample: bool,
+    generator: torch.Generator | None,
+) -> None:
+    """`x_i ~ p_θ(· | h_i)` (after the temperature / top-k / top-p processors) for every row `i` of `rows` `[R]`,
+    written into `state.tokens` in place; the sequences that changed are flagged in `dirty` `[B]`."""
+    if rows.numel() == 0:
+        return
+    logits = token_processors(None, denoiser.token_logits(hidden[rows]).float())  # [R, vocab]
+    state.tokens[rows] = sample_categorical(logits, do_sample, generator).to(state.tokens.dtype)
+    dirty[state.sequence_ids[rows]] = True
+
+
+def generate_output(
+    state: ActiveState,
+    hit_max_length: torch.Tensor,
+    pad_token_id: int,
+    trajectory: list[list[torch.Tensor]] | None,
+    num_passes: int,
+    tokens_processed: int,
+) -> ElasticMDMGenerateOutput:
+    """Pack the final sequences of `state` into `[batch, longest]`, padded with `pad_token_id`."""
+    return ElasticMDMGenerateOutput(
+        sequences=torch.nn.utils.rnn.pad_sequence(
+            state.split(on_device=True), batch_first=True, padding_value=pad_token_id
+        ),
+        lengths=state.lengths,
+        hit_max_length=hit_max_length,
+        trajectory=trajectory,
+        num_passes=num_passes,
+        tokens_processed=tokens_processed,
+    )
+
+
 def sample_elastic(
     denoiser: Denoiser,
     state: ActiveState,
@@ -201,21 +288,14 @@ def sample_elastic(
     `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
     last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
     """
-    reveal = schedule.table(num_steps)  # F(0..K), float64 on the host: no device sync
-    reveal_share = reveal_probability(reveal[:-1], reveal[1:]).tolist() + [0.0]  # q_k, k = 0..K
-    reveal = reveal.tolist()
+    reveal, reveal_share = reveal_tables(schedule, num_steps)  # F(k), q_k for k = 0..K
     batch = state.lengths.numel()
     device = state.tokens.device
     hidden = None
     dirty = torch.ones(batch, dtype=torch.bool, device=device)  # needs a fresh pass
     hit_max_length = torch.zeros(batch, dtype=torch.bool, device=device)
     trajectory, num_passes, tokens_processed = [], 0, 0
-    steps = range(num_steps + 1)
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="elastic-mdm", total=num_steps + 1)
-    for k in steps:
+    for k in step_range(num_steps + 1, "elastic-mdm", progress_bar):
         if output_trajectory:
             trajectory.append(state.split())
         is_mask = state.tokens == mask_token_id  # [T]
@@ -230,10 +310,7 @@ def sample_elastic(
         dirty = state.lengths.new_zeros(batch, dtype=torch.bool) if use_cache else torch.ones_like(dirty)
 
         mask_rows = is_mask.nonzero().squeeze(-1)
-        if mask_rows.numel():
-            logits = token_processors(None, denoiser.token_logits(hidden[mask_rows]).float())
-            state.tokens[mask_rows] = sample_categorical(logits, do_sample, generator).to(state.tokens.dtype)
-            dirty[state.sequence_ids[mask_rows]] = True
+        fill_tokens(denoiser, hidden, state, mask_rows, dirty, token_processors, do_sample, generator)
 
         if not grows:
             continue
@@ -251,15 +328,8 @@ def sample_elastic(
 
     if output_trajectory:
         trajectory.append(state.split())
-    return ElasticMDMGenerateOutput(
-        sequences=torch.nn.utils.rnn.pad_sequence(
-            state.split(on_device=True), batch_first=True, padding_value=pad_token_id
-        ),
-        lengths=state.lengths,
-        hit_max_length=hit_max_length,
-        trajectory=trajectory if output_trajectory else None,
-        num_passes=num_passes,
-        tokens_processed=tokens_processed,
+    return generate_output(
+        state, hit_max_length, pad_token_id, trajectory if output_trajectory else None, num_passes, tokens_processed
     )
 
 
@@ -284,8 +354,161 @@ def encode_dirty(
     return hidden.index_copy(0, rows, features.to(hidden.dtype)), tokens.numel()
 
 
+def sample_mdlm(
+    denoiser: TokenDenoiser,
+    state: ActiveState,
+    *,
+    mask_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_length: int,
+    num_steps: int,
+    schedule: RevealSchedule,
+    token_processors: LogitsProcessorList,
+    do_sample: bool = True,
+    gap_budget: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    output_trajectory: bool = False,
+    progress_bar: bool = False,
+) -> ElasticMDMGenerateOutput:
+    r"""MDLM's ancestral (DDPM) sampler on a fixed canvas, the baseline of Elastic-MDM, on a packed batch.
+
+    `state` holds the same anchors `sample_elastic` starts from (`_initial_state`); each sequence becomes a canvas of
+    `L = max_length` tokens, the layout `MDLMCollator` trains on (BOS + sequence + EOS + pads):
+
+    * prompt / unconditional (`gap_budget=None`; the only open gap is the one before EOS):
+      `[BOS, p_1 .. p_m, MASK × (L - 1 - m)]`: EOS is dropped, the model writes where the sequence ends;
+    * template (`gap_budget=g`): every open gap becomes `g` masks, the template's EOS stays, and fixed pads fill the
+      canvas up to `L` (the pads MDLM saw after EOS in training).
+
+    With `F` the reveal schedule (`F(0) = 0`, `F(K) = 1`; for MDLM's `α_t`, `F(k) = α_{t_k}`, `t_k = 1 - k/K`), the
+    input of step `k` has each maskable position revealed with probability `F(k)`:
+    ```
+    for k = 0 .. K-1:
+        R = every [MASK] independently with prob. q_k = (F(k+1) - F(k)) / (1 - F(k))     (q_{K-1} = 1)
+        h = f(x, F(k))                                   one pass; noise level F(k) = MDLMCollator's 1 - t
+        x[i] ~ p_θ(· | h_i) for i in R                   same token processors as Elastic-MDM
+    ```
+    This is MDLM's `_ddpm_update` (`q(x_s | x_t, x_0 ~ p_θ)`, unmask with `(α_s - α_t) / (1 - α_t)`) written with
+    the reveal draw first, which has the same law. After `k` steps the number of revealed positions of a
+    sequence is `Binomial(#maskable, F(k))`; after `K` steps none is masked.
+
+    `use_cache` (MDLM's `ddpm_cache`; exact unless the model is time-conditioned): a sequence is encoded only at a
+    step that reveals one of its positions, and its last pass is reused when its canvas did not change since. With
+    `use_cache=False` every step runs one full pass (`K · B · L` tokens), MDLM's plain sampler. The random draws do
+    not depend on `use_cache`, so both give the same samples for a fixed `generator`.
+
+    Output: prompt / unconditional sequences end at the first EOS generated after the prompt (length = its index + 1);
+    with none, the length is `L` and `hit_max_length` is set. Templates keep every anchor and every generated token
+    except the pad / EOS tokens inside a gap; `hit_max_length` flags a template with a gap that used its whole budget
+    (its value may be cut). `trajectory[k]` (`k = 0..K`) is the canvas fed to step `k`, `trajectory[K]` the final one.
+    """
+    canvas, template_lengths = mdlm_canvas(state, max_length, mask_token_id, pad_token_id, gap_budget)
+    generated = canvas.tokens == mask_token_id  # [B * L] positions the model writes
+    reveal, reveal_share = reveal_tables(schedule, num_steps)
+    batch = canvas.lengths.numel()
+    hidden = None
+    dirty = torch.ones(batch, dtype=torch.bool, device=canvas.tokens.device)  # canvas changed since its last pass
+    trajectory, num_passes, tokens_processed = [], 0, 0
+    for k in step_range(num_steps, "mdlm", progress_bar):
+        if output_trajectory:
+            trajectory.append(canvas.split())
+        rows = reveal_rows(canvas.tokens == mask_token_id, reveal_share[k], generator)  # [R]
+        if use_cache:
+            needed = torch.zeros_like(dirty).index_fill_(0, canvas.sequence_ids[rows], True)
+            stale = dirty & needed
+        else:
+            hidden, stale = None, torch.ones_like(dirty)
+        if bool(stale.any()):
+            if hidden is None:  # the first pass encodes every sequence
+                stale = torch.ones_like(dirty)
+            hidden, computed = encode_dirty(denoiser, canvas, hidden, stale, reveal[k])
+            num_passes += 1
+            tokens_processed += computed
+            dirty &= ~stale
+        fill_tokens(denoiser, hidden, canvas, rows, dirty, token_processors, do_sample, generator)
+
+    if output_trajectory:
+        trajectory.append(canvas.split())
+    if template_lengths is None:
+        final, hit_max_length = cut_at_first_eos(canvas, generated, eos_token_id)
+    else:
+        final, hit_max_length = squeeze_gaps(canvas, generated, template_lengths, (eos_token_id, pad_token_id))
+    return generate_output(
+        final, hit_max_length, pad_token_id, trajectory if output_trajectory else None, num_passes, tokens_processed
+    )
+
+
+def reveal_rows(is_mask: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Rows of the masked positions `is_mask` `[T]` revealed this step, each independently with probability `prob`
+    (all at `prob >= 1`, none at `prob <= 0`; only the strictly fractional case draws random numbers)."""
+    rows = is_mask.nonzero().squeeze(-1)  # [M]
+    if prob >= 1.0 or rows.numel() == 0:
+        return rows
+    if prob <= 0.0:
+        return rows[:0]
+    draws = torch.rand(rows.numel(), generator=generator, dtype=torch.float64, device=rows.device)
+    return rows[draws < prob]
+
+
+def mdlm_canvas(
+    anchors: ActiveState, length: int, mask_token_id: int, pad_token_id: int, gap_budget: int | None
+) -> tuple[ActiveState, torch.Tensor | None]:
+    """The `[B * L]` MDLM canvases of `anchors` (see `sample_mdlm`) and, for templates, the length of each filled
+    template `[B]` (its rows after that are the fixed pad tail); `None` for prompts."""
+    if gap_budget is None:
+        is_last = torch.zeros_like(anchors.open_after).index_fill_(0, anchors.last_rows(), True)
+        if not torch.equal(anchors.open_after, is_last.roll(-1)):
+            raise ValueError(
+                "MDLM has no gaps that grow: only a prompt (one open gap before EOS) can be continued without a "
+                "budget; give gap_budget (generate(): mdlm_gap_budget) to fill a template's open gaps."
+            )
+        body, tail_token = anchors.select(~is_last), mask_token_id  # drop EOS: the model writes the end
+        template_lengths = None
+    else:
+        counts = anchors.open_after.long() * gap_budget  # [T] masks after each open token
+        body, _ = insert_masks(anchors, counts, mask_token_id)
+        tail_token, template_lengths = pad_token_id, body.lengths
+    longest = int(body.lengths.max())
+    if longest > length:
+        what = "A prompt" if gap_budget is None else f"A template with mdlm_gap_budget={gap_budget} masks per gap"
+        raise ValueError(f"{what} has {longest} tokens, more than the canvas length max_length={length}.")
+    counts = torch.zeros_like(body.tokens).index_put_((body.last_rows(),), length - body.lengths)
+    canvas, _ = insert_masks(body, counts, tail_token)  # the tail is inserted after each last token
+    canvas.open_after.zero_()
+    return canvas, template_lengths
+
+
+def cut_at_first_eos(
+    canvas: ActiveState, generated: torch.Tensor, eos_token_id: int
+) -> tuple[ActiveState, torch.Tensor]:
+    """Each sequence up to its first generated EOS (included), or the whole canvas with `hit_max_length` set."""
+    position = canvas.positions()  # [T]
+    ends = (generated & (canvas.tokens == eos_token_id)).nonzero().squeeze(-1)
+    lengths = canvas.lengths.scatter_reduce(0, canvas.sequence_ids[ends], position[ends] + 1, reduce="amin")
+    ended = torch.zeros_like(canvas.lengths, dtype=torch.bool).index_fill_(0, canvas.sequence_ids[ends], True)
+    return canvas.select(position < lengths[canvas.sequence_ids]), ~ended
+
+
+def squeeze_gaps(
+    canvas: ActiveState, generated: torch.Tensor, template_lengths: torch.Tensor, stop_ids: tuple[int, int]
+) -> tuple[ActiveState, torch.Tensor]:
+    """Each filled template without the pad / EOS tokens generated in its gaps, nor the pad tail; flags the
+    templates with a gap holding no such token (it used its whole budget)."""
+    stop = generated & torch.isin(canvas.tokens, torch.tensor(stop_ids, device=canvas.tokens.device))  # [T]
+    gap = (~generated).long().cumsum(0)  # [T] one id per run of generated rows (after its fixed left neighbour)
+    gap_stopped = torch.zeros(canvas.tokens.numel() + 1, dtype=torch.bool, device=stop.device)
+    gap_stopped.index_fill_(0, gap[stop], True)
+    full = generated & ~gap_stopped[gap]  # rows of the gaps that used their whole budget
+    hit = torch.zeros_like(canvas.lengths, dtype=torch.bool).index_fill_(0, canvas.sequence_ids[full], True)
+    keep = (canvas.positions() < template_lengths[canvas.sequence_ids]) & ~stop
+    return canvas.select(keep), hit
+
+
 class ElasticMDMGenerationMixin:
-    """Adds `generate()` (variable-length Elastic-MDM sampling) to `ElasticMDMForDiffusionLM`."""
+    """Adds `generate()` to `ElasticMDMForDiffusionLM`: variable-length Elastic-MDM sampling, or MDLM's fixed-canvas
+    sampler for checkpoints trained with `objective="mdlm"`."""
 
     def diffusion_features(self, input_ids: torch.Tensor, packed, noise_level: torch.Tensor) -> torch.Tensor:
         return self.model.forward_packed(input_ids, packed, noise_level)
@@ -319,14 +542,19 @@ class ElasticMDMGenerationMixin:
         return_dict_in_generate: bool | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor] | ElasticMDMGenerateOutput:
-        r"""Sample variable-length sequences (DESIGN §3).
+        r"""Sample sequences with the sampler of the checkpoint's `config.objective`.
+
+        `"elastic"`: `sample_elastic`, variable lengths (DESIGN §3). `"mdlm"`: `sample_mdlm`, MDLM's ancestral
+        sampler on a canvas of `max_length` tokens, through the same packing, step cache and token sampling; a
+        sequence ends at its first generated EOS.
 
         Inputs (at most one of them):
             * nothing: `num_return_sequences` unconditional samples, starting from `BOS EOS`;
             * `input_ids` (+ `attention_mask`, or a list of lists): prompts `BOS p_1 .. p_m` (no EOS); each is
               continued in one open gap before an appended EOS;
             * `template_ids`: `BOS .. EOS` templates in which every `mask_token_id` marks an open gap (infilling,
-              JSON skeletons); the markers are removed and only those gaps grow.
+              JSON skeletons); the markers are removed and only those gaps grow. MDLM has no growing gaps: it needs
+              `mdlm_gap_budget`, the number of masks each open gap gets (pad / EOS written in a gap are dropped).
 
         Every field of `ElasticMDMGenerationConfig` can be passed as a keyword (`num_steps`, `schedule`,
         `temperature`, `top_k`, `top_p`, `gap_temperature`, `max_length`, `num_return_sequences`, ...).
@@ -347,16 +575,12 @@ class ElasticMDMGenerationMixin:
                 f"An input has {int(state.lengths.max())} tokens with its anchors, more than max_length={max_length}."
             )
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_id
-        output = sample_elastic(
-            self,
-            state,
+        common = dict(  # what both samplers share
             mask_token_id=self.config.mask_token_id,
             num_steps=config.num_steps,
             schedule=config.reveal_schedule(),
             token_processors=token_logits_processors(config),
             do_sample=bool(config.do_sample),
-            gap_temperature=config.gap_temperature,
-            gap_do_sample=config.gap_do_sample,
             max_length=max_length,
             pad_token_id=pad,
             use_cache=bool(config.use_cache) and not self.config.time_conditioning,
@@ -364,6 +588,13 @@ class ElasticMDMGenerationMixin:
             output_trajectory=config.output_trajectory,
             progress_bar=config.progress_bar,
         )
+        if self.config.objective == "mdlm":
+            budget = self._mdlm_gap_budget(config, template_ids is not None)
+            output = sample_mdlm(self, state, eos_token_id=self.config.eos_token_id, gap_budget=budget, **common)
+        else:
+            output = sample_elastic(
+                self, state, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample, **common
+            )
         if return_dict_in_generate:
             return output
         return output.sequences, output.lengths
@@ -394,7 +625,22 @@ class ElasticMDMGenerationMixin:
         if config.gap_temperature <= 0:
             raise ValueError(f"gap_temperature must be > 0, got {config.gap_temperature}.")
         config.reveal_schedule()  # unknown schedule / bad parameters raise here
+        budget = config.mdlm_gap_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+            raise ValueError(f"mdlm_gap_budget must be an integer >= 1 (masks per open gap), got {budget!r}.")
         return config
+
+    @staticmethod
+    def _mdlm_gap_budget(config: ElasticMDMGenerationConfig, has_template: bool) -> int | None:
+        """Masks per open gap of a template for the MDLM sampler (`None` for prompts: one gap up to the canvas end)."""
+        if not has_template:
+            return None
+        if config.mdlm_gap_budget is None:
+            raise ValueError(
+                "This is an objective='mdlm' model: its canvas has no gaps that grow, so template_ids need a fixed "
+                "number of masks per open gap: pass mdlm_gap_budget=N (the paper's §5.4 MDLM baseline)."
+            )
+        return config.mdlm_gap_budget
 
     def _generation_max_length(self, config: ElasticMDMGenerationConfig) -> int:
         limit = self.config.max_position_embeddings
@@ -500,5 +746,6 @@ __all__ = [
     "ElasticMDMGenerateOutput",
     "ElasticMDMGenerationMixin",
     "sample_elastic",
+    "sample_mdlm",
     "insert_masks",
 ]

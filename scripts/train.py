@@ -44,7 +44,9 @@ class ModelArguments:
     time_conditioning: bool = False
     cond_dim: int = 128
     gap_head_type: str = "concat"
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | varlen_attn | flash_attention_2"})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "sdpa | eager | varlen_attn | flash_attention_2"}
+    )
 
 
 @dataclass
@@ -56,7 +58,9 @@ class ReportArguments:
     report_schedule: str = "linear"
 
 
-def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments]:
+def parse_arguments(
+    argv: list[str],
+) -> tuple[ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments]:
     """`[config.yaml] [--flag value ...]`: the YAML values first, the flags after them (the last one wins)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments))
     if argv and argv[0].endswith((".yaml", ".yml")):
@@ -152,8 +156,10 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
         num_steps=report_args.report_num_steps,
         schedule=report_args.report_schedule,
     )
-    print(f"\nLengths, generated vs data ({report_args.report_num_samples} samples, K={report_args.report_num_steps}, "
-          f"{report_args.report_schedule} schedule):")
+    print(
+        f"\nLengths, generated vs data ({report_args.report_num_samples} samples, K={report_args.report_num_steps}, "
+        f"{report_args.report_schedule} schedule):"
+    )
     print(result["table"])
     summary = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
     print(json.dumps(summary, indent=1))
