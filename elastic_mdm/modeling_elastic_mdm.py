@@ -211,6 +211,11 @@ class ElasticMDMTimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+def per_token(modulation: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
+    """Per-sequence adaLN outputs `[batch, k·d]` to per-token rows `[tokens, k·d]` (a `[1, k·d]` one broadcasts)."""
+    return modulation if modulation.shape[0] == 1 else modulation[packed.sequence_ids]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: `x * (1 + scale) + shift`."""
     return x * (1 + scale) + shift
@@ -280,14 +285,14 @@ class ElasticMDMBlock(GradientCheckpointingLayer):
     def forward(
         self,
         x: torch.Tensor,  # [tokens, d]
-        cond: torch.Tensor | None,  # [tokens or 1, cond_dim]
+        cond: torch.Tensor | None,  # [batch or 1, cond_dim]
         rope: tuple[torch.Tensor, torch.Tensor],
         packed: PackedSequences,
     ) -> torch.Tensor:
         if self.adaln is None:
             x = x + self.attn(self.input_norm(x), rope, packed)
             return x + self.mlp(self.post_attention_norm(x))
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaln(cond).chunk(6, dim=-1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = per_token(self.adaln(cond), packed).chunk(6, dim=-1)
         x = x + (self.gate_offset + gate_a) * self.attn(modulate(self.input_norm(x), shift_a, scale_a), rope, packed)
         return x + (self.gate_offset + gate_m) * self.mlp(modulate(self.post_attention_norm(x), shift_m, scale_m))
 
@@ -363,7 +368,7 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         self.embed_tokens = value
 
     def conditioning(self, noise_level: torch.Tensor | None, packed: PackedSequences) -> torch.Tensor | None:
-        """`c = silu(time_embed(1000 · s'))` per token `[tokens, cond]`, or the constant `silu(time_embed(0))`
+        """`c = silu(time_embed(1000 · s'))` per sequence `[batch, cond]`, or the constant `silu(time_embed(0))`
         `[1, cond]`
         when `time_conditioning` is off (MDLM)."""
         if self.time_embed is None:
@@ -373,7 +378,7 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             return F.silu(self.time_embed(zero))
         if noise_level is None:
             noise_level = torch.ones(packed.batch_size, device=packed.cu_seqlens.device)
-        return F.silu(self.time_embed(TIME_SCALE * noise_level))[packed.sequence_ids]
+        return F.silu(self.time_embed(TIME_SCALE * noise_level))
 
     def forward_packed(
         self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor | None = None
@@ -386,7 +391,7 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             x = layer(x, cond, rope, packed)
         x = self.norm(x)
         if self.final_adaln is not None:
-            shift, scale = self.final_adaln(cond).chunk(2, dim=-1)
+            shift, scale = per_token(self.final_adaln(cond), packed).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         return x
 

@@ -7,8 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import elastic_mdm, pytest, jsonschema, datasets" 2>/dev/null; then
-  .venv/bin/pip install -q --upgrade pip
+if ! .venv/bin/python -c "import elastic_mdm, pytest, jsonschema, datasets, matplotlib, yaml" 2>/dev/null; then
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch
-  .venv/bin/pip install -q -e ".[dev]"
+  .venv/bin/pip install -q -e ".[train,eval,dev]"
 fi
