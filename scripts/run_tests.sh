@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+.venv/bin/python -c "import deepspeed" 2>/dev/null || .venv/bin/pip install -q -e ".[deepspeed]"  # ZeRO-2 on CPU test
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

@@ -141,10 +141,13 @@ def main(argv: list[str] | None = None) -> dict:
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
     """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
     from elastic_mdm.corpus import length_statistics
-    from elastic_mdm.synthetic import SCHEMAS
+    from elastic_mdm.synthetic import SCHEMAS, template_token_ids
 
     model.eval()
-    schemas = list(SCHEMAS.values()) if data_args.dataset_name == "synthetic-json" else None
+    schemas = templates = None
+    if data_args.dataset_name == "synthetic-json":
+        schemas = list(SCHEMAS.values())
+        templates = {name: (template_token_ids(tokenizer, name), schema) for name, schema in SCHEMAS.items()}
     result = sample_report(
         model,
         tokenizer,
@@ -152,6 +155,7 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
         num_samples=report_args.report_num_samples,
         output_dir=Path(training_args.output_dir) / "report",
         schemas=schemas,
+        templates=templates,
         seed=training_args.seed,
         num_steps=report_args.report_num_steps,
         schedule=report_args.report_schedule,
@@ -161,7 +165,7 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
         f"{report_args.report_schedule} schedule):"
     )
     print(result["table"])
-    summary = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
+    summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k != "table"}
     print(json.dumps(summary, indent=1))
     print(f"histogram: {result['histogram_png']}; checkpoint: {training_args.output_dir}")
     return result

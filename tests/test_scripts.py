@@ -1,4 +1,4 @@
-"""The entry points: scripts/train.py (plain python, accelerate DDP, DeepSpeed ZeRO-2 on CPU) and scripts/generate.py."""
+"""Entry points: scripts/train.py (plain python, accelerate DDP, DeepSpeed ZeRO-2 on CPU) and scripts/generate.py."""
 
 import importlib.util
 import json
@@ -39,12 +39,13 @@ def trained(tmp_path_factory) -> Path:
         + QUICK
     )
     assert "eval_nelbo_bits_per_token" in metrics and 0.0 <= metrics["report"]["json_validity"] <= 1.0
+    assert 0.0 <= metrics["report"]["template_json_validity"] <= 1.0
     return output
 
 
 def test_train_script_saves_a_complete_checkpoint(trained: Path) -> None:
-    for name in ("config.json", "model.safetensors", "generation_config.json", "modeling_elastic_mdm.py",
-                 "tokenizer.json", "README.md", "report/sample_report.json", "report/length_histogram.png"):  # fmt: skip
+    files = ["config.json", "model.safetensors", "generation_config.json", "modeling_elastic_mdm.py", "tokenizer.json"]
+    for name in files + ["README.md", "report/sample_report.json", "report/length_histogram.png"]:
         assert (trained / name).exists(), name
     report = json.loads((trained / "report" / "sample_report.json").read_text())
     assert report["num_samples"] == 16 and set(report) >= {"total_variation", "wasserstein1", "ks"}
@@ -58,7 +59,8 @@ def test_generate_script(trained: Path, tmp_path: Path) -> None:
         [str(trained), "--num_return_sequences", "3", "--num_steps", "4", "--schedule", "cosine", "--output", str(out)]
     )
     assert len(rows) == 3 and len(out.read_text().splitlines()) == 3
-    rows = load_script("generate").main([str(trained), "--template", '{"x":<mask>}', "--num_steps", "2", "--greedy_gaps"])
+    template = [str(trained), "--template", '{"x":<mask>}', "--num_steps", "2", "--greedy_gaps"]
+    rows = load_script("generate").main(template)
     assert all(row["text"].startswith('{"x":') and row["text"].endswith("}") for row in rows)
 
 
