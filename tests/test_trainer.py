@@ -68,9 +68,7 @@ def test_losses_fall_on_builtin_task(tmp_path, tokenizer, records, objective: st
     """A few hundred steps of a tiny model: the loss terms fall, the NELBO bound is finite and falls."""
     train, held_out = records
     args = arguments(tmp_path, objective=objective, max_steps=150, logging_steps=25)
-    trainer = ElasticMDMTrainer(
-        model=tiny_model(tokenizer), args=args, train_dataset=train, eval_dataset=held_out
-    )
+    trainer = ElasticMDMTrainer(model=tiny_model(tokenizer), args=args, train_dataset=train, eval_dataset=held_out)
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -158,3 +156,16 @@ def test_bad_training_arguments(tmp_path) -> None:
         arguments(tmp_path, schedule_families=["linear", "square"])
     with pytest.raises(ValueError, match="eval_num_steps"):
         arguments(tmp_path, eval_num_steps=0)
+
+
+@pytest.mark.slow
+def test_torch_compile(tmp_path, tokenizer, records) -> None:
+    """`torch_compile=True` trains (dynamic packed shapes recompile; ~1-2 min on CPU)."""
+    train, _ = records
+    trainer = ElasticMDMTrainer(
+        model=tiny_model(tokenizer),
+        args=arguments(tmp_path, max_steps=3, logging_steps=1, torch_compile=True),
+        train_dataset=train,
+    )
+    trainer.train()
+    assert all(math.isfinite(x) for x in logged(trainer, "loss"))
