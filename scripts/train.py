@@ -47,6 +47,13 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "sdpa | eager | varlen_attn | flash_attention_2"}
     )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0: train every weight)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator."})
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(
+        default_factory=list, metadata={"help": "Linears that get adapters (default: attention and MLP of the block)."}
+    )
+    lora_merge: bool = field(default=True, metadata={"help": "Merge the adapters and save a plain checkpoint."})
 
 
 @dataclass
@@ -97,6 +104,33 @@ def build_model(model_args: ModelArguments, tokenizer) -> ElasticMDMForDiffusion
     return ElasticMDMForDiffusionLM._from_config(config, attn_implementation=model_args.attn_implementation)
 
 
+LORA_TARGETS = {
+    "dit": ["qkv_proj", "o_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+NEW_MODULES = ["gap_head", "adaln", "final_adaln", "time_embed"]  # trained in full next to the adapters
+
+
+def add_lora(model: ElasticMDMForDiffusionLM, model_args: ModelArguments, gradient_checkpointing: bool):
+    """Wrap the model with peft LoRA adapters on the block linears; the gap head and the adaLN modules (new in a
+    retrofitted checkpoint) stay fully trainable (`modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    lora = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or LORA_TARGETS[model.config.block_type],
+        modules_to_save=[name for name in NEW_MODULES if name in present],
+    )
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    model = get_peft_model(model, lora)
+    model.print_trainable_parameters()
+    return model
+
+
 def main(argv: list[str] | None = None) -> dict:
     # 1. arguments
     model_args, data_args, training_args, report_args = parse_arguments(sys.argv[1:] if argv is None else argv)
@@ -106,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(data_args)
     ensure_special_tokens(tokenizer)
     model = build_model(model_args, tokenizer)
+    if model_args.lora_r:
+        model = add_lora(model, model_args, training_args.gradient_checkpointing)
 
     # 3. data: natural lengths, long documents split into chunks
     train_dataset, eval_dataset = load_datasets(
@@ -125,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. evaluate, save (weights, remote code, tokenizer, generation config, model card), push
     metrics = trainer.evaluate() if eval_dataset is not None else {}
+    if model_args.lora_r and model_args.lora_merge:  # a plain Elastic-MDM folder, adapters folded in
+        model = trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
     model.generation_config.num_steps = report_args.report_num_steps
     model.generation_config.schedule = report_args.report_schedule
     trainer.save_model()

@@ -101,3 +101,45 @@ def test_deepspeed_zero2_two_cpu_processes(tmp_path: Path) -> None:
     result = launch("configs/accelerate/deepspeed_zero2_cpu.yaml", tmp_path / "zero2")
     assert result.returncode == 0, result.stderr[-4000:]
     assert_saved_and_loadable(tmp_path / "zero2")
+
+
+RELOAD_AND_GENERATE = """
+import sys
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+sequences, lengths = model.generate(num_return_sequences=2, num_steps=4, seed=0)
+assert not any("lora" in name for name, _ in model.named_parameters())
+print("LENGTHS=" + ",".join(map(str, lengths.tolist())))
+"""
+
+
+def test_lora_fine_tune_merges_and_reloads(trained: Path, tmp_path: Path, isolated_python) -> None:
+    """LoRA on a llama-flavour checkpoint with adaLN (a retrofit's shape): a few steps, merge, save, reload, sample."""
+    from transformers import AutoTokenizer
+
+    from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+
+    tokenizer = AutoTokenizer.from_pretrained(trained)
+    config = ElasticMDMConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=80, block_type="llama", adaln=True, mask_token_id=tokenizer.mask_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    base = ElasticMDMForDiffusionLM(config)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    output = tmp_path / "lora"
+    load_script("train").main(
+        ["configs/tiny.yaml", "--model_name_or_path", str(tmp_path / "base"), "--tokenizer_name",
+         str(tmp_path / "base"), "--lora_r", "4", "--gradient_checkpointing", "true", "--output_dir", str(output), "--report_num_samples", "0",
+         "--learning_rate", "0.01", *QUICK]  # fmt: skip
+    )
+    merged = ElasticMDMForDiffusionLM.from_pretrained(output).state_dict()
+    changed = {k for k, v in merged.items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("gap_head.") for k in changed)  # modules_to_save: trained in full
+    assert any(".attn.q_proj." in k for k in changed)  # LoRA deltas merged into the block linears
+    assert "model.embed_tokens.weight" not in changed  # frozen
+    result = isolated_python(RELOAD_AND_GENERATE, str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LENGTHS=" in result.stdout
