@@ -130,11 +130,10 @@ def test_lora_fine_tune_merges_and_reloads(trained: Path, tmp_path: Path, isolat
     tokenizer.save_pretrained(tmp_path / "base")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     output = tmp_path / "lora"
-    load_script("train").main(
-        ["configs/tiny.yaml", "--model_name_or_path", str(tmp_path / "base"), "--tokenizer_name",
-         str(tmp_path / "base"), "--lora_r", "4", "--gradient_checkpointing", "true", "--output_dir", str(output), "--report_num_samples", "0",
-         "--learning_rate", "0.01", *QUICK]  # fmt: skip
-    )
+    base_dir = str(tmp_path / "base")
+    flags = ["--model_name_or_path", base_dir, "--tokenizer_name", base_dir, "--lora_r", "4", "--learning_rate", "0.01"]
+    flags += ["--gradient_checkpointing", "true", "--output_dir", str(output), "--report_num_samples", "0"]
+    load_script("train").main(["configs/tiny.yaml", *flags, *QUICK])
     merged = ElasticMDMForDiffusionLM.from_pretrained(output).state_dict()
     changed = {k for k, v in merged.items() if not torch.equal(v, before[k])}
     assert any(k.startswith("gap_head.") for k in changed)  # modules_to_save: trained in full
