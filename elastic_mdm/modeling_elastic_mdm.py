@@ -211,6 +211,10 @@ class ElasticMDMTimestepEmbedder(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+class ElasticMDMAdaLN(nn.Linear):
+    """adaLN modulation `c -> (shift, scale, gate, ...)`: a linear layer initialised to zero (see `_init_weights`)."""
+
+
 def per_token(modulation: torch.Tensor, packed: PackedSequences) -> torch.Tensor:
     """Per-sequence adaLN outputs `[batch, k·d]` to per-token rows `[tokens, k·d]` (a `[1, k·d]` one broadcasts)."""
     return modulation if modulation.shape[0] == 1 else modulation[packed.sequence_ids]
@@ -279,7 +283,7 @@ class ElasticMDMBlock(GradientCheckpointingLayer):
         self.attn = ElasticMDMAttention(config)
         self.post_attention_norm = make_norm(config)
         self.mlp = ElasticMDMMLP(config)
-        self.adaln = nn.Linear(config.cond_dim, 6 * config.hidden_size) if config.adaln else None
+        self.adaln = ElasticMDMAdaLN(config.cond_dim, 6 * config.hidden_size) if config.adaln else None
         self.gate_offset = 0.0 if config.block_type == "dit" else 1.0
 
     def forward(
@@ -332,15 +336,13 @@ class ElasticMDMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) linears and embeddings; unit norms; zero adaLN (DiT), so every block starts
         as the identity map (`dit`) or as the unmodulated block (`llama`)."""
+        if isinstance(module, ElasticMDMAdaLN):  # checked per leaf: Transformers skips parameter-less parents
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
         super()._init_weights(module)
         if isinstance(module, (ElasticMDMLayerNorm, ElasticMDMRMSNorm)):
             init.ones_(module.weight)
-        elif isinstance(module, ElasticMDMBlock) and module.adaln is not None:
-            init.zeros_(module.adaln.weight)
-            init.zeros_(module.adaln.bias)
-        elif isinstance(module, ElasticMDMModel) and module.final_adaln is not None:
-            init.zeros_(module.final_adaln.weight)
-            init.zeros_(module.final_adaln.bias)
         elif isinstance(module, ElasticMDMRotaryEmbedding):
             dim = self.config.head_dim
             exponent = torch.arange(0, dim, 2, dtype=torch.float32) / dim
@@ -357,7 +359,7 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         self.rotary_emb = ElasticMDMRotaryEmbedding(config)
         self.layers = nn.ModuleList(ElasticMDMBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = make_norm(config)
-        self.final_adaln = nn.Linear(config.cond_dim, 2 * config.hidden_size) if config.adaln else None
+        self.final_adaln = ElasticMDMAdaLN(config.cond_dim, 2 * config.hidden_size) if config.adaln else None
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -112,8 +112,9 @@ def test_packing_invariance(variant: str) -> None:
     for i in range(len(SEQUENCES)):
         (alone_logits, alone_gap) = run_packed(model, [i])[0]
         for logits, gap in (packed[i], reordered[position_in_reordered[i]]):
-            torch.testing.assert_close(logits, alone_logits, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(gap, alone_gap, atol=1e-5, rtol=1e-5)
+            # fp32 round-off only: a batch of one and of four rows take different matmul kernels (adaLN, heads)
+            torch.testing.assert_close(logits, alone_logits, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(gap, alone_gap, atol=1e-4, rtol=1e-4)
         assert torch.isfinite(alone_gap).all()
 
 
@@ -598,3 +599,20 @@ def test_remote_code_round_trip(tmp_path: Path, isolated_python) -> None:
         assert torch.equal(local_lengths, lengths) and torch.equal(local_sequences, sequences)
     # the saved generation config travels with the remote code too
     assert all(report[v]["generation_num_steps"] == 7 for v in variants), report
+
+
+@pytest.mark.parametrize("block_type", ["dit", "llama"])
+def test_adaln_starts_at_zero(block_type: str, tmp_path: Path) -> None:
+    """adaLN is zero at initialisation (DiT blocks start as the identity, a retrofitted llama as the original), also
+    when it is new in a checkpoint that lacks it."""
+    config = tiny_config(block_type=block_type, adaln=True)
+    model = ElasticMDMForDiffusionLM(config)
+    adaln = [m for m in model.modules() if type(m).__name__ == "ElasticMDMAdaLN"]
+    assert len(adaln) == config.num_hidden_layers + 1
+    assert all(bool((m.weight == 0).all() and (m.bias == 0).all()) for m in adaln)
+    if block_type == "llama":
+        plain = ElasticMDMForDiffusionLM(tiny_config(block_type="llama", adaln=False))
+        plain.save_pretrained(tmp_path)
+        grown = ElasticMDMForDiffusionLM.from_pretrained(tmp_path, adaln=True)
+        ids, cu = torch.tensor(FIXED_IDS), torch.tensor(FIXED_CU, dtype=torch.int32)
+        torch.testing.assert_close(grown(ids, cu_seqlens=cu).logits, plain(ids, cu_seqlens=cu).logits)
