@@ -1,19 +1,40 @@
-"""Measuring an Elastic-MDM: length fidelity of samples against the data, and structured-output validity.
+"""Measuring an Elastic-MDM: length fidelity, sample entropy, generative perplexity, gap-head calibration and
+structured-output validity (paper §5).
 
 Lengths are integer token counts (anchors included). Distances are between the two empirical distributions:
 
 * total variation `TV = ½ Σ_n |p(n) - q(n)|`
 * Wasserstein-1 `W1 = Σ_n |P(n) - Q(n)|` (P, Q the CDFs on the integers)
 * Kolmogorov-Smirnov `KS = max_n |P(n) - Q(n)|`
+
+Samples:
+
+* unigram entropy of a token sequence `H = -Σ_v p(v) log p(v)` (nats), `p` the empirical token frequencies;
+* generative perplexity under a causal LM `q`: `exp(Σ_texts Σ_i -log q(t_i | t_<i) / Σ_texts #tokens)`, the texts
+  re-tokenized with the scorer's own tokenizer (Sahoo et al., 2024);
+* gap calibration: for each adjacent active pair of a held-out corrupted batch, the expected removed count
+  `E_pφ[g] = Σ_c c · pφ(c | h_a, h_b)` against the true `g`, and `-log pφ(g | h_a, h_b)`, binned by noise level `s'`;
+* structured output (§5.4): the share of template fills that parse as JSON and validate against their schema.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
+
+from .data import IGNORE_INDEX, ElasticMDMCollator
+from .packing import PackedSequences
+from .schedules import NoiseLevelSampler, get_schedule
+from .synthetic import GAP, SCHEMAS, _merge_text, json_template, template_token_ids, to_text, validate_text
 
 
 def empirical_cdfs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,10 +117,415 @@ def save_length_histogram(generated: torch.Tensor, data: torch.Tensor, path: str
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Samples: drawing, decoding, unigram entropy
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """Generated sequences: `ids[i]` the tokens of sample i (anchors included), `lengths` `[N]`, `texts[i]` its
+    decoded text (special tokens skipped)."""
+
+    ids: list[list[int]]
+    lengths: torch.Tensor
+    texts: list[str]
+
+
+def decode_samples(tokenizer, sequences: torch.Tensor, lengths: torch.Tensor) -> tuple[list[list[int]], list[str]]:
+    """The first `lengths[i]` tokens of every row of `sequences` `[N, max_len]`, and their texts."""
+    ids = [seq[:n].tolist() for seq, n in zip(sequences, lengths.tolist(), strict=True)]
+    return ids, tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def draw_samples(
+    model,
+    tokenizer,
+    num_samples: int,
+    *,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    **generate_kwargs,
+) -> Samples:
+    """`num_samples` unconditional samples of `model.generate` in batches of `batch_size`."""
+    ids, lengths, texts = [], [], []
+    for start in range(0, num_samples, batch_size):
+        count = min(batch_size, num_samples - start)
+        sequences, lens = model.generate(num_return_sequences=count, generator=generator, **generate_kwargs)
+        batch_ids, batch_texts = decode_samples(tokenizer, sequences, lens)
+        ids += batch_ids
+        texts += batch_texts
+        lengths.append(lens.cpu())
+    return Samples(ids, torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.long), texts)
+
+
+def unigram_entropy(tokens: Sequence[int] | torch.Tensor) -> float:
+    """`H = -Σ_v p(v) log p(v)` in nats, `p(v)` the share of `tokens` equal to `v` (0 for an empty sequence)."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    if tokens.numel() == 0:
+        return 0.0
+    p = torch.unique(tokens, return_counts=True)[1].double() / tokens.numel()
+    return float(-(p * p.log()).sum())
+
+
+def sample_entropy(sequences: Sequence[Sequence[int]], exclude_ids: Iterable[int | None] = ()) -> dict[str, float]:
+    """Unigram entropy of samples (nats), the ids in `exclude_ids` (BOS, EOS, pad, mask) left out:
+    `entropy_mean` the mean over samples of each sample's entropy (the sample-diversity check of MDLM-style papers;
+    a degenerate sampler repeating one token scores 0), `entropy_pooled` the entropy of all tokens together."""
+    drop = {i for i in exclude_ids if i is not None}
+    kept = [[t for t in seq if t not in drop] for seq in sequences]
+    per_sample = [unigram_entropy(seq) for seq in kept]
+    return {
+        "entropy_mean": sum(per_sample) / max(len(per_sample), 1),
+        "entropy_pooled": unigram_entropy([t for seq in kept for t in seq]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generative perplexity under a causal LM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """`(model, tokenizer)` of a causal LM (`AutoModelForCausalLM`) from a local folder or a Hub id, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def scorer_windows(texts: Sequence[str], tokenizer, context: int) -> list[list[int]]:
+    """Each text re-tokenized (no special tokens) and cut into windows of `context - 1` tokens, each window opened
+    by the scorer's BOS (EOS when it has none, as GPT-2's `<|endoftext|>`). Empty texts give no window."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("The scorer's tokenizer has neither a BOS nor an EOS token to open a window with.")
+    windows = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        windows += [[start, *ids[i : i + context - 1]] for i in range(0, len(ids), context - 1)]
+    return windows
+
+
+@torch.no_grad()
+def sequence_nll(model, windows: Sequence[Sequence[int]], batch_size: int = 8) -> tuple[float, int]:
+    """`(Σ -log q(t_i | t_<i), number of predicted tokens)` over the windows (the first token of each is context)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        rows = windows[start : start + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        total += float((nll * mask[:, 1:]).sum())
+        count += int(mask[:, 1:].sum())
+    return total, count
+
+
+def generative_perplexity(texts: Sequence[str], model, tokenizer, batch_size: int = 8) -> dict[str, float]:
+    """Generative perplexity of `texts` under the causal LM `(model, tokenizer)`:
+    `gen_ppl = exp(Σ NLL / Σ tokens)` with the texts decoded from our samples and re-tokenized by the scorer,
+    in windows of the scorer's context (see `scorer_windows`); `nan` when no text has a token."""
+    context = int(getattr(model.config, "max_position_embeddings", None) or 1024)
+    windows = scorer_windows(texts, tokenizer, context)
+    nll, count = sequence_nll(model, windows, batch_size) if windows else (0.0, 0)
+    per_token = nll / count if count else float("nan")
+    return {
+        "gen_ppl": math.exp(min(per_token, 50.0)) if count else float("nan"),
+        "gen_nll_per_token": per_token,
+        "gen_ppl_tokens": count,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Held-out data: NELBO bound and corrupted batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SingleProcess:
+    """What `trainer.nelbo_metrics` needs of an `accelerate.Accelerator`, for one process: `autocast()` (to `dtype`
+    when given) and `reduce()` (the identity)."""
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        self.device, self.dtype = torch.device(device), dtype
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+
+def heldout_batches(
+    dataset: Iterable[dict], collator, batch_size: int, device: torch.device | str, max_batches: int | None = None
+) -> Iterator[dict]:
+    """Collated batches of `dataset` (at most `max_batches`), tensors moved to `device`."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator)
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def nelbo_report(
+    model,
+    dataset: Iterable[dict],
+    *,
+    num_steps: int = 128,
+    schedule: str = "linear",
+    batch_size: int = 32,
+    seed: int = 0,
+    max_batches: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """The held-out NELBO of the K-step process (K = `num_steps`, `schedule`) as bits per token and perplexity bound,
+    with the objective's evaluation collator and seeded noise: `trainer.nelbo_metrics` (DESIGN §2:
+    `NELBO ≈ (K + 1) · [Σ_masks CE + Σ_gaps CE]` at one `k ~ U{0..K}` per sequence; MDLM's bound for `mdlm`)."""
+    from .trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
+
+    args = ElasticMDMTrainingArguments(
+        eval_num_steps=num_steps,
+        eval_schedule=schedule,
+        objective=model.config.objective,
+        seed=seed,
+        use_cpu=model.device.type == "cpu",
+        report_to="none",
+    )
+    collator = make_collators(args, model.config)[1]
+    batches = heldout_batches(dataset, collator, batch_size, model.device, max_batches)
+    with torch.no_grad():
+        return nelbo_metrics(model, batches, args, SingleProcess(model.device, autocast_dtype))
+
+
+def calibration_collator(
+    config, *, num_steps: int = 128, schedule: str = "linear", length_share: float = 0.1, seed: int = 0
+) -> ElasticMDMCollator:
+    """An `ElasticMDMCollator` of a fixed K-step `schedule` (step 0, the length model, with probability
+    `length_share`, else `k ~ U{1..K}`), seeded: the corrupted held-out batches of the gap calibration."""
+    sampler = NoiseLevelSampler(
+        families=(get_schedule(schedule),), min_steps=num_steps, max_steps=num_steps, length_share=length_share
+    )
+    return ElasticMDMCollator(
+        mask_token_id=config.mask_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        max_length=config.max_position_embeddings,
+        noise_sampler=sampler,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gap-head calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def noise_bins(noise_level: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Bin of each noise level `s'`: 0 for `s' = 0` (the length model, step 0), `i` for `s'` in
+    `((i - 1)/num_bins, i/num_bins]` (to 1e-6, so that fp32 grid values such as 0.1 land in their own bin)."""
+    return (noise_level.double() * num_bins - 1e-6).ceil().long().clamp(0, num_bins)
+
+
+def calibration_table(
+    expected: torch.Tensor, true: torch.Tensor, nll: torch.Tensor, noise_level: torch.Tensor, num_bins: int = 10
+) -> list[dict[str, float]]:
+    """Per bin of `s'` (`noise_bins`) and overall (`bin = "all"`): number of pairs, mean true count, mean expected
+    count, bias `mean(E[g] - g)`, mean absolute error `mean |E[g] - g|` and gap CE `mean -log pφ(g)` (nats).
+    All inputs are `[pairs]`; empty bins are left out."""
+    bins = noise_bins(noise_level, num_bins)
+    error = expected.double() - true.double()
+    rows = []
+    for b in [*range(num_bins + 1), None]:
+        pick = torch.ones_like(bins, dtype=torch.bool) if b is None else bins == b
+        if not bool(pick.any()):
+            continue
+        low, high = (0.0, 1.0) if b is None else (max(b - 1, 0) / num_bins, b / num_bins)
+        rows.append(
+            {
+                "bin": "all" if b is None else "s'=0" if b == 0 else f"({low:.2f}, {high:.2f}]",
+                "pairs": int(pick.sum()),
+                "true_mean": float(true[pick].double().mean()),
+                "expected_mean": float(expected[pick].double().mean()),
+                "bias": float(error[pick].mean()),
+                "mae": float(error[pick].abs().mean()),
+                "gap_ce": float(nll[pick].double().mean()),
+            }
+        )
+    return rows
+
+
+@torch.no_grad()
+def gap_predictions(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(E_pφ[g], g, -log pφ(g), s')` for every supervised adjacent pair of one `ElasticMDMCollator` batch."""
+    packed = PackedSequences.from_cu_seqlens(batch["cu_seqlens"], batch["max_seqlen"], batch["input_ids"].numel())
+    hidden = model.diffusion_features(batch["input_ids"], packed, batch["noise_level"])
+    true = batch["gap_labels"]
+    rows = ((true != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)
+    log_probs = model.gap_logits(hidden, rows).float().log_softmax(-1)  # [pairs, max_gap + 1]
+    classes = torch.arange(log_probs.shape[-1], device=log_probs.device, dtype=log_probs.dtype)
+    expected = (log_probs.exp() * classes).sum(-1)
+    nll = -log_probs.gather(-1, true[rows, None]).squeeze(-1)
+    return expected, true[rows], nll, batch["noise_level"][packed.sequence_ids[rows]]
+
+
+def gap_calibration(model, batches: Iterable[dict], num_bins: int = 10) -> list[dict[str, float]]:
+    """`calibration_table` over held-out batches of an `ElasticMDMCollator` (on the model's device)."""
+    model.eval()
+    parts = [tuple(t.cpu() for t in gap_predictions(model, batch)) for batch in batches]
+    if not parts:
+        raise ValueError("Gap calibration needs at least one batch.")
+    return calibration_table(*(torch.cat(column) for column in zip(*parts, strict=True)), num_bins=num_bins)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structured output (paper §5.4)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StructuredTask:
+    """One structured-output prompt: a template (`BOS .. EOS`, a mask at each open gap) and the schema its fill must
+    validate against."""
+
+    name: str
+    template_ids: list[int]
+    schema: dict
+
+
+def instance_template(instance: Any) -> list[str | None]:
+    """Pieces of the compact JSON of `instance` (`synthetic.to_text`) with every scalar value an open gap (`GAP`):
+    keys, braces, brackets, colons, commas and the quotes of strings are text; a string's content, a number, a
+    boolean or null is one gap. Arrays keep the instance's number of elements. Adjacent text pieces are merged."""
+    if isinstance(instance, dict):
+        parts: list[str | None] = ["{"]
+        for i, (key, value) in enumerate(instance.items()):
+            parts += [("," if i else "") + to_text(key) + ":", *instance_template(value)]
+        return _merge_text([*parts, "}"])
+    if isinstance(instance, list):
+        parts = ["["]
+        for i, value in enumerate(instance):
+            parts += [","] * bool(i) + instance_template(value)
+        return _merge_text([*parts, "]"])
+    return ['"', GAP, '"'] if isinstance(instance, str) else [GAP]
+
+
+def template_from_pieces(tokenizer, pieces: Sequence[str | None]) -> list[int]:
+    """`BOS` + each text piece tokenized on its own (no special tokens) + `EOS`, with the mask token at each `GAP`:
+    the layout `generate(template_ids=...)` takes (as `synthetic.template_token_ids`)."""
+    ids = [tokenizer.bos_token_id]
+    for piece in pieces:
+        ids += [tokenizer.mask_token_id] if piece is GAP else tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return [*ids, tokenizer.eos_token_id]
+
+
+def builtin_structured_tasks(tokenizer) -> list[StructuredTask]:
+    """The six schemas of the built-in synthetic task, with their schema templates (`synthetic.template_token_ids`)."""
+    return [StructuredTask(name, template_token_ids(tokenizer, name), schema) for name, schema in SCHEMAS.items()]
+
+
+def load_structured_tasks(path: str | Path, tokenizer, limit: int | None = None) -> list[StructuredTask]:
+    """Tasks of a JSONL file of `{"schema": ..., "instance": ...}` rows (optional `"name"`). The template comes from
+    the instance (`instance_template`); rows without an instance use the schema's template (`synthetic.json_template`:
+    objects, arrays as one gap, strings, scalars)."""
+    tasks = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            pieces = instance_template(row["instance"]) if "instance" in row else json_template(row["schema"])
+            tasks.append(
+                StructuredTask(row.get("name", f"row{i}"), template_from_pieces(tokenizer, pieces), row["schema"])
+            )
+            if limit is not None and len(tasks) >= limit:
+                break
+    return tasks
+
+
+def template_fits(template: Sequence[int], mask_token_id: int, max_length: int, gap_budget: int | None) -> bool:
+    """Whether a template fits `max_length` tokens: its anchors, plus `gap_budget` masks per open gap for MDLM."""
+    gaps = sum(t == mask_token_id for t in template)
+    return len(template) - gaps + gaps * (gap_budget or 0) <= max_length
+
+
+def fill_templates(
+    model,
+    tokenizer,
+    templates: Sequence[Sequence[int]],
+    *,
+    num_per_template: int = 1,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    **generate_kwargs,
+) -> list[str]:
+    """Texts of `num_per_template` fills of every template (template 0's fills first), `generate(template_ids=...)`
+    in batches of about `batch_size` sequences."""
+    per_call = max(1, batch_size // num_per_template)
+    texts = []
+    for start in range(0, len(templates), per_call):
+        sequences, lengths = model.generate(
+            template_ids=[list(t) for t in templates[start : start + per_call]],
+            num_return_sequences=num_per_template,
+            generator=generator,
+            **generate_kwargs,
+        )
+        texts += decode_samples(tokenizer, sequences, lengths)[1]
+    return texts
+
+
+def structured_validity(
+    model,
+    tokenizer,
+    tasks: Sequence[StructuredTask],
+    *,
+    num_per_template: int = 1,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    **generate_kwargs,
+) -> dict[str, Any]:
+    """Fill every task's template `num_per_template` times; return `parse_rate` (share of fills that are strict JSON),
+    `json_validity` (share that also validate against the task's schema, formats checked), their count, and per
+    task name the validity share. With `mdlm_gap_budget` (MDLM checkpoints), templates whose budgeted canvas exceeds
+    the model's length are not run and count as failures (`too_long`)."""
+    limit = generate_kwargs.get("max_length") or model.config.max_position_embeddings
+    budget = generate_kwargs.get("mdlm_gap_budget") if model.config.objective == "mdlm" else None
+    fits = [template_fits(t.template_ids, model.config.mask_token_id, limit, budget) for t in tasks]
+    runnable = [t for t, ok in zip(tasks, fits, strict=True) if ok]
+    texts = iter(
+        fill_templates(
+            model,
+            tokenizer,
+            [t.template_ids for t in runnable],
+            num_per_template=num_per_template,
+            batch_size=batch_size,
+            generator=generator,
+            **generate_kwargs,
+        )
+    )
+    parsed, valid, by_name = [], [], defaultdict(list)
+    for task, ok in zip(tasks, fits, strict=True):
+        for _ in range(num_per_template):
+            text = next(texts) if ok else None
+            parsed.append(text is not None and validate_text(text, {}))  # the empty schema accepts any JSON value
+            valid.append(text is not None and validate_text(text, task.schema))
+            by_name[task.name].append(valid[-1])
+    outputs = max(len(valid), 1)
+    return {
+        "num_outputs": len(valid),
+        "parse_rate": sum(parsed) / outputs,
+        "json_validity": sum(valid) / outputs,
+        "too_long": fits.count(False),
+        "by_name": {name: sum(v) / len(v) for name, v in by_name.items()},
+    }
+
+
 def json_validity(texts: Sequence[str], schemas: Sequence[dict]) -> float:
     """Share of texts that parse as JSON and validate against at least one of `schemas` (needs jsonschema)."""
-    from .synthetic import validate_text
-
     if not texts:
         return 0.0
     return sum(any(validate_text(text, schema) for schema in schemas) for text in texts) / len(texts)
@@ -118,11 +544,8 @@ def template_validity(
     the share of outputs that validate against the template's schema, per template and overall (`all`)."""
     shares = {}
     for name, (template, schema) in templates.items():
-        sequences, lengths = model.generate(
-            template_ids=[template], num_return_sequences=num_per_template, generator=generator, **generate_kwargs
-        )
-        texts = tokenizer.batch_decode(
-            [seq[:n].tolist() for seq, n in zip(sequences, lengths, strict=True)], skip_special_tokens=True
+        texts = fill_templates(
+            model, tokenizer, [template], num_per_template=num_per_template, generator=generator, **generate_kwargs
         )
         shares[name] = json_validity(texts, [schema])
     shares["all"] = sum(shares.values()) / max(len(shares), 1)
@@ -148,18 +571,11 @@ def sample_report(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    lengths, texts = [], []
-    for start in range(0, num_samples, batch_size):
-        count = min(batch_size, num_samples - start)
-        sequences, lens = model.generate(num_return_sequences=count, generator=generator, **generate_kwargs)
-        lengths.append(lens.cpu())
-        texts += tokenizer.batch_decode(
-            [seq[:n].tolist() for seq, n in zip(sequences, lens, strict=True)], skip_special_tokens=True
-        )
-    generated = torch.cat(lengths)
+    samples = draw_samples(model, tokenizer, num_samples, batch_size=batch_size, generator=generator, **generate_kwargs)
+    generated = samples.lengths
     report = {"num_samples": num_samples, **length_report(generated, data_lengths)}
     if schemas:
-        report["json_validity"] = json_validity(texts, schemas)
+        report["json_validity"] = json_validity(samples.texts, schemas)
     if templates:
         per_template = max(1, num_samples // (4 * len(templates)))
         shares = template_validity(
@@ -169,12 +585,83 @@ def sample_report(
         report["template_json_validity_by_schema"] = shares
     report["histogram_png"] = str(save_length_histogram(generated, data_lengths, output_dir / "length_histogram.png"))
     report["table"] = length_histogram_table(generated, data_lengths)
-    with open(output_dir / "samples.jsonl", "w") as f:
-        for text, n in zip(texts, generated.tolist(), strict=True):
-            f.write(json.dumps({"length": n, "text": text}) + "\n")
+    write_samples(samples, output_dir / "samples.jsonl")
     with open(output_dir / "sample_report.json", "w") as f:
         json.dump(report, f, indent=2)
     return report
+
+
+def write_samples(samples: Samples, path: str | Path) -> Path:
+    """One JSON line `{"length", "text"}` per sample."""
+    path = Path(path)
+    with open(path, "w") as f:
+        for text, n in zip(samples.texts, samples.lengths.tolist(), strict=True):
+            f.write(json.dumps({"length": n, "text": text}) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: floats with 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of dict rows (columns: those of the first row unless given)."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any], title: str = "Elastic-MDM evaluation") -> str:
+    """Markdown of an evaluation report `{"settings": {...}, "models": {label: {section: metrics}}}`: one table of
+    the scalar metrics of every model side by side, then each model's calibration table and length histogram."""
+    models = report["models"]
+    lines = [f"# {title}", "", markdown_table([{"setting": k, "value": v} for k, v in report["settings"].items()])]
+    keys = [key for m in models.values() for key in _scalar_keys(m)]
+    rows = [{"metric": key, **{label: _lookup(m, key) for label, m in models.items()}} for key in dict.fromkeys(keys)]
+    lines += ["", "## Metrics", "", markdown_table(rows, ["metric", *models])]
+    for label, metrics in models.items():
+        if "gap_calibration" in metrics:
+            lines += ["", f"## Gap-head calibration: {label}", "", markdown_table(metrics["gap_calibration"])]
+        if "length_table" in metrics:
+            lines += ["", f"## Lengths, generated vs data: {label}", "", "```", metrics["length_table"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _scalar_keys(metrics: dict[str, Any]) -> list[str]:
+    """`"section.name"` of every number in the sections (dicts) of one model's metrics, in order."""
+    return [
+        f"{section}.{name}"
+        for section, values in metrics.items()
+        if isinstance(values, dict)
+        for name, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+
+
+def _lookup(metrics: dict, key: str) -> Any:
+    """`metrics[section][name]` for `key = "section.name"`, '' when absent."""
+    section, name = key.split(".", 1)
+    value = metrics.get(section, {})
+    return value.get(name, "") if isinstance(value, dict) else ""
+
+
+def write_reports(report: dict[str, Any], output_dir: str | Path, stem: str = "evaluation") -> tuple[Path, Path]:
+    """`<stem>.json` and `<stem>.md` in `output_dir`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output_dir / f"{stem}.json", output_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    md_path.write_text(markdown_report(report))
+    return json_path, md_path
 
 
 __all__ = [
@@ -184,7 +671,36 @@ __all__ = [
     "length_report",
     "length_histogram_table",
     "save_length_histogram",
+    "Samples",
+    "decode_samples",
+    "draw_samples",
+    "unigram_entropy",
+    "sample_entropy",
+    "load_causal_lm",
+    "scorer_windows",
+    "sequence_nll",
+    "generative_perplexity",
+    "SingleProcess",
+    "heldout_batches",
+    "nelbo_report",
+    "calibration_collator",
+    "noise_bins",
+    "calibration_table",
+    "gap_predictions",
+    "gap_calibration",
+    "StructuredTask",
+    "instance_template",
+    "template_from_pieces",
+    "builtin_structured_tasks",
+    "load_structured_tasks",
+    "template_fits",
+    "fill_templates",
+    "structured_validity",
     "json_validity",
     "template_validity",
     "sample_report",
+    "write_samples",
+    "markdown_table",
+    "markdown_report",
+    "write_reports",
 ]
