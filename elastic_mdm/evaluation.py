@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from .data import IGNORE_INDEX, ElasticMDMCollator
 from .packing import PackedSequences
 from .schedules import NoiseLevelSampler, get_schedule
-from .synthetic import GAP, SCHEMAS, _merge_text, json_template, template_token_ids, to_text, validate_text
+from .synthetic import GAP, SCHEMAS, json_template, merge_text, template_token_ids, to_text, validate_text
 
 
 def empirical_cdfs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,11 +186,26 @@ def sample_entropy(sequences: Sequence[Sequence[int]], exclude_ids: Iterable[int
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def local_or_hub(name: str) -> str:
+    """An absolute path when `name` is an existing folder, else `name` itself (a Hub id)."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+def load_checkpoint(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
+    """An Elastic-MDM (or MDLM-objective) checkpoint from a folder or a Hub id, with its remote code, in eval mode on
+    `device` (as scripts/generate.py loads it); `kwargs` go to `from_pretrained` (e.g. `attn_implementation`)."""
+    from transformers import AutoModel
+
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModel.from_pretrained(local_or_hub(name), trust_remote_code=True, **kwargs).to(device).eval()
+
+
 def load_causal_lm(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)` of a causal LM (`AutoModelForCausalLM`) from a local folder or a Hub id, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
+    path = local_or_hub(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -405,12 +420,12 @@ def instance_template(instance: Any) -> list[str | None]:
         parts: list[str | None] = ["{"]
         for i, (key, value) in enumerate(instance.items()):
             parts += [("," if i else "") + to_text(key) + ":", *instance_template(value)]
-        return _merge_text([*parts, "}"])
+        return merge_text([*parts, "}"])
     if isinstance(instance, list):
         parts = ["["]
         for i, value in enumerate(instance):
             parts += [","] * bool(i) + instance_template(value)
-        return _merge_text([*parts, "]"])
+        return merge_text([*parts, "]"])
     return ['"', GAP, '"'] if isinstance(instance, str) else [GAP]
 
 
@@ -676,6 +691,8 @@ __all__ = [
     "draw_samples",
     "unigram_entropy",
     "sample_entropy",
+    "local_or_hub",
+    "load_checkpoint",
     "load_causal_lm",
     "scorer_windows",
     "sequence_nll",

@@ -341,7 +341,7 @@ def json_template(schema: dict[str, Any] | str) -> list[str | None]:
     merged, so two gaps are never adjacent. The pieces tokenize like the record wherever string values are
     non-empty (true of every generated record).
     """
-    return _merge_text(_template_parts(SCHEMAS[schema] if isinstance(schema, str) else schema))
+    return merge_text(_template_parts(SCHEMAS[schema] if isinstance(schema, str) else schema))
 
 
 def _template_parts(schema: dict[str, Any]) -> list[str | None]:
@@ -358,7 +358,7 @@ def _template_parts(schema: dict[str, Any]) -> list[str | None]:
     return [GAP]
 
 
-def _merge_text(parts: list[str | None]) -> list[str | None]:
+def merge_text(parts: list[str | None]) -> list[str | None]:
     """Concatenate consecutive text pieces."""
     merged: list[str | None] = []
     for part in parts:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
+
+from elastic_mdm.evaluation import load_checkpoint, local_or_hub
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -73,12 +74,9 @@ def encode_inputs(args: argparse.Namespace, tokenizer) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    load = {"trust_remote_code": True, "dtype": getattr(torch, args.dtype)}
-    if args.attn_implementation:
-        load["attn_implementation"] = args.attn_implementation
-    model = AutoModel.from_pretrained(path, **load).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    load = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
+    model = load_checkpoint(args.model, args.device, getattr(torch, args.dtype), **load)
+    tokenizer = AutoTokenizer.from_pretrained(local_or_hub(args.model))
     inputs = encode_inputs(args, tokenizer)
     out = model.generate(
         **inputs,

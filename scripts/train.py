@@ -26,7 +26,7 @@ from elastic_mdm.corpus import (
     load_tokenizer,
     sync_config_with_tokenizer,
 )
-from elastic_mdm.evaluation import sample_report
+from elastic_mdm.evaluation import local_or_hub, sample_report
 from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
 
 
@@ -92,8 +92,7 @@ def yaml_to_flags(values: dict) -> list[str]:
 def build_model(model_args: ModelArguments, tokenizer) -> ElasticMDMForDiffusionLM:
     """Load the checkpoint (its vocabulary must fit the tokenizer) or build a new model sized by `model_args`."""
     if model_args.model_name_or_path:
-        path = model_args.model_name_or_path
-        path = str(Path(path).resolve()) if Path(path).exists() else path  # a missing local path is a Hub id
+        path = local_or_hub(model_args.model_name_or_path)
         model = ElasticMDMForDiffusionLM.from_pretrained(path, attn_implementation=model_args.attn_implementation)
         if len(tokenizer) > model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))

@@ -327,3 +327,18 @@ def test_evaluate_script_end_to_end(tmp_path) -> None:
     markdown = (output / "evaluation.md").read_text()
     assert "nelbo.nelbo_bits_per_token" in markdown and "samples.gen_ppl" in markdown
     assert (output / "tiny" / "length_histogram.png").exists() and (output / "tiny" / "samples.jsonl").exists()
+
+
+def test_evaluate_metric_modules() -> None:
+    """`evaluate.load` on the repository's metric folders gives the library's numbers."""
+    evaluate = pytest.importorskip("evaluate")
+    pytest.importorskip("jsonschema")
+    metrics = Path(__file__).resolve().parents[1] / "metrics"
+    lengths = evaluate.load(str(metrics / "length_fidelity"))
+    pooled = lengths.compute(predictions=[[2, 2, 3], [5]], references=[[2, 3, 3, 3], []])  # rows are pooled
+    assert pooled["total_variation"] == pytest.approx(0.5) and pooled["wasserstein1"] == pytest.approx(0.75)
+    assert lengths.compute(predictions=[2, 2, 3, 5], references=[2, 3, 3, 3])["ks"] == pytest.approx(0.25)
+    validity = evaluate.load(str(metrics / "json_validity"))
+    schema = json.dumps({"type": "object", "required": ["a"]})
+    result = validity.compute(predictions=['{"a":1}', '{"b":1}', "{"], references=[schema] * 3)
+    assert result == {"parse_rate": pytest.approx(2 / 3), "json_validity": pytest.approx(1 / 3)}

@@ -1,0 +1,166 @@
+"""Benchmark Elastic-MDM against MDLM on the same backbone: sampling latency / throughput and training step time.
+
+    # oracle trajectory mode: a random model of the requested size, exact forward-process lengths (no training)
+    python scripts/benchmark.py --oracle --hidden_size 768 --num_hidden_layers 12 --num_attention_heads 12 \
+        --vocab_size 50258 --length 1024 --num_steps 1024 --batch_size 32 --schedule linear exponential \
+        --device cuda --dtype bf16
+    # a trained checkpoint (its gap head sets the lengths); MDLM runs on the same backbone or --mdlm_checkpoint
+    python scripts/benchmark.py --checkpoint outputs/tiny-elastic --num_steps 64 --batch_size 16
+    # seconds on a CPU
+    python scripts/benchmark.py --oracle --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 2 \
+        --vocab_size 256 --length 64 --num_steps 64 --batch_size 4
+
+Prints Markdown tables (machine, batch, length, K, schedule; medians, FLOPs, MFU against --peak_tflops, and the
+ratios Elastic / MDLM) and writes them with --output (Markdown, plus the same numbers as JSON next to it).
+See `elastic_mdm/benchmark.py` for the FLOP formula and what each mode measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elastic_mdm import benchmark as bench
+from elastic_mdm.evaluation import load_checkpoint
+from elastic_mdm.schedules import get_schedule
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--oracle", action="store_true", help="random model + exact forward-process lengths (default)")
+    mode.add_argument("--checkpoint", help="a trained checkpoint (folder or Hub id)")
+    parser.add_argument("--mdlm_checkpoint", help="checkpoint mode: run MDLM on this model instead")
+    size = parser.add_argument_group("model size (oracle mode)")
+    size.add_argument("--hidden_size", type=int, default=768)
+    size.add_argument("--num_hidden_layers", type=int, default=12)
+    size.add_argument("--num_attention_heads", type=int, default=12)
+    size.add_argument("--vocab_size", type=int, default=50258)
+    size.add_argument("--intermediate_size", type=int)
+    size.add_argument("--block_type", default="dit", choices=["dit", "llama"])
+    size.add_argument("--attn_implementation", default="sdpa", help="sdpa | eager | varlen_attn | flash_attention_2")
+    run = parser.add_argument_group("what is run")
+    run.add_argument("--length", type=int, default=1024, help="L: MDLM canvas and Elastic cap (BOS/EOS included)")
+    run.add_argument("--num_steps", type=int, default=1024, help="K")
+    run.add_argument("--batch_size", type=int, default=32)
+    run.add_argument("--schedule", nargs="+", default=["linear"], help="one table per schedule")
+    run.add_argument("--schedule_kwargs", type=json.loads, default={}, help="e.g. '{\"sigma\": 6.9}'")
+    run.add_argument("--lengths", default="fixed", help="oracle/training data lengths: fixed | synthetic | "
+                     "uniform:LO:HI | a file of lengths (see benchmark.length_sampler)")  # fmt: skip
+    run.add_argument("--skip", nargs="*", default=[], choices=["sampling", "training"])
+    run.add_argument("--warmup", type=int, default=1, help="untimed sampling runs")
+    run.add_argument("--repeats", type=int, default=3, help="timed sampling runs (median)")
+    run.add_argument("--train_warmup", type=int, default=2)
+    run.add_argument("--train_repeats", type=int, default=5)
+    run.add_argument("--seed", type=int, default=0)
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    hw.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16/fp16: autocast over fp32 weights")
+    hw.add_argument("--compile", nargs="?", const="default", help="torch.compile the backbone (mode: default, "
+                    "reduce-overhead = CUDA graphs on CUDA, max-autotune)")  # fmt: skip
+    hw.add_argument("--bucket", type=int, help="pad each pass to a multiple of this many tokens (static shapes)")
+    hw.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
+    hw.add_argument("--peak_tflops", type=float, default=bench.H100_BF16_DENSE_TFLOPS, help="for MFU")
+    parser.add_argument("--output", help="write the Markdown here (and the JSON next to it)")
+    return parser.parse_args(argv)
+
+
+def load_models(args: argparse.Namespace):
+    """`(model, mdlm_model or None)` on the device: a random model of the requested size (oracle) or checkpoints."""
+    if not args.checkpoint:
+        config = bench.oracle_config(
+            args.hidden_size, args.num_hidden_layers, args.num_attention_heads, args.vocab_size, args.length,
+            args.block_type, args.intermediate_size,
+        )  # fmt: skip
+        config._attn_implementation = args.attn_implementation
+        return bench.random_model(config, args.device, args.seed), None
+    load = functools.partial(load_checkpoint, device=args.device, attn_implementation=args.attn_implementation)
+    return load(args.checkpoint), load(args.mdlm_checkpoint) if args.mdlm_checkpoint else None
+
+
+def sampling_setup(args: argparse.Namespace, model, mdlm_model, schedule: str) -> bench.SamplingSetup:
+    """The oracle or checkpoint setup of one schedule."""
+    common = dict(
+        num_steps=args.num_steps,
+        schedule=get_schedule(schedule, **args.schedule_kwargs),
+        seed=args.seed,
+        autocast_dtype=DTYPES[args.dtype],
+    )
+    if args.checkpoint:
+        length = min(args.length, model.config.max_position_embeddings)
+        return bench.checkpoint_setup(model, args.batch_size, length, mdlm_model=mdlm_model, **common)
+    draw = bench.length_sampler(args.lengths, args.length)
+    lengths = draw(args.batch_size, torch.Generator().manual_seed(args.seed))
+    return bench.oracle_setup(model, lengths, **common)
+
+
+def run_settings(args: argparse.Namespace, model, schedule: str) -> dict[str, Any]:
+    """The settings table of one run."""
+    config = model.config
+    return {
+        "machine": bench.machine_name(args.device),
+        "mode": f"checkpoint {args.checkpoint}" if args.checkpoint else f"oracle (data lengths: {args.lengths})",
+        "model": f"{config.block_type} {config.num_hidden_layers}x{config.hidden_size}, {config.num_attention_heads} "
+        f"heads, vocab {config.vocab_size}, {model.num_parameters() / 1e6:.1f}M params",
+        "batch": args.batch_size,
+        "length L": args.length,
+        "K": args.num_steps,
+        "schedule": schedule,
+        "dtype": f"{args.dtype} (autocast)" if DTYPES[args.dtype] else args.dtype,
+        "compile": args.compile or "no",
+        "bucket": args.bucket or "no",
+        "attention": args.attn_implementation,
+        "peak TFLOP/s (MFU)": args.peak_tflops,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, mdlm_model = load_models(args)
+    if args.compile:
+        for m in (model, mdlm_model):
+            if m is not None:
+                bench.compile_backbone(m, None if args.compile == "default" else args.compile)
+    pad = model.config.eos_token_id
+    wrap = (lambda d: bench.BucketedDenoiser(d, args.bucket, pad)) if args.bucket else (lambda d: d)
+    results: dict[str, Any] = {"sampling": {}, "training": []}
+    sections = []
+    if "sampling" not in args.skip:
+        for schedule in args.schedule:
+            setup = sampling_setup(args, model, mdlm_model, schedule)
+            rows = bench.benchmark_sampling(
+                setup, warmup=args.warmup, repeats=args.repeats, peak_tflops=args.peak_tflops, wrap=wrap
+            )
+            results["sampling"][schedule] = {"rows": rows, "ratios": bench.sampling_ratios(rows)}
+            sections.append(bench.markdown_summary(run_settings(args, model, schedule), rows, []))
+    if "training" not in args.skip:
+        length = min(args.length, model.config.max_position_embeddings)
+        results["training"] = bench.benchmark_training(
+            model, bench.length_sampler(args.lengths, length), batch_size=args.batch_size, length=length,
+            warmup=args.train_warmup, repeats=args.train_repeats, peak_tflops=args.peak_tflops,
+            autocast_dtype=DTYPES[args.dtype], seed=args.seed,
+        )  # fmt: skip
+        settings = run_settings(args, model, "training noise: NoiseLevelSampler defaults / MDLM t ~ U(eps, 1)")
+        sections.append(bench.markdown_summary(settings, [], results["training"]))
+    markdown = "\n".join(sections)
+    print(markdown)
+    if args.output:
+        Path(args.output).write_text(markdown)
+        Path(args.output).with_suffix(".json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

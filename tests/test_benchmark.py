@@ -1,0 +1,173 @@
+"""The benchmark library and scripts/benchmark.py on tiny models (CPU, seconds): the oracle trajectory is the exact
+forward process, the FLOP count is the stated formula, and both modes run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_mdm import benchmark as bench
+from elastic_mdm.packing import PackedSequences
+from elastic_mdm.schedules import get_schedule
+
+LENGTH, VOCAB = 48, 128
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny shapes run fastest, and steadiest on a busy CPU, on one thread; the other tests get theirs back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bench.random_model(bench.oracle_config(32, 2, 2, VOCAB, LENGTH), seed=0)
+
+
+def oracle(model, lengths: list[int], num_steps: int = 16, schedule: str = "linear") -> bench.SamplingSetup:
+    return bench.oracle_setup(
+        model, torch.tensor(lengths), num_steps=num_steps, schedule=get_schedule(schedule), seed=1
+    )
+
+
+@pytest.mark.parametrize("schedule", ["linear", "exponential"])
+def test_oracle_returns_the_clean_sequences(model, schedule: str) -> None:
+    """Tokens are positions: every sequence comes back as 0, 1, ..., n + 1, for every sampler variant of Elastic."""
+    lengths = [0, 3, 20, LENGTH - 2]
+    setup = oracle(model, lengths, num_steps=8, schedule=schedule)
+    for use_cache in (True, False):
+        out = setup.run(bench.Variant("elastic", "elastic", use_cache))
+        assert out.lengths.tolist() == [n + 2 for n in lengths] and not out.hit_max_length.any()
+        for row, n in zip(out.sequences, lengths, strict=True):
+            assert row[: n + 2].tolist() == list(range(n + 2))
+
+
+def test_oracle_active_lengths_are_binomial(model) -> None:
+    """Pass k (no cache) encodes 2B + Σ_b Binomial(n_b, F(k)) tokens: the mean over passes of the same k across
+    seeds is within 4 standard errors of 2B + F(k) Σ n_b."""
+    n, batch, num_steps, seeds = 30, 16, 8, 6
+    schedule = get_schedule("exponential")
+    table = schedule.table(num_steps).tolist()
+    counts = torch.zeros(seeds, num_steps + 1)
+    for seed in range(seeds):
+        setup = bench.oracle_setup(model, torch.full((batch,), n), num_steps=num_steps, schedule=schedule, seed=seed)
+        counts[seed] = torch.tensor(bench.active_tokens_per_pass(setup), dtype=torch.float)
+    for k, p in enumerate(table):
+        expected = 2 * batch + batch * n * p
+        standard_error = math.sqrt(batch * n * p * (1 - p) / seeds)
+        assert abs(float(counts[:, k].mean()) - expected) <= 4 * standard_error + 1e-6, (k, expected)
+
+
+def test_flop_model_is_the_stated_formula(model) -> None:
+    d, layers = 32, 2
+    flops = bench.FlopModel.of(model)
+    assert flops.per_token == 2 * layers * 12 * d * d  # qkv 3d², out d², MLP 2 · 4d² (adaLN left out)
+    assert flops.per_token_squared == 4 * d * layers
+    assert flops.per_token_head_row == 2 * d * VOCAB
+    assert flops.per_gap_row == 2 * (2 * d * d + d * (LENGTH + 1))  # dense [2d -> d], out [d -> max_gap + 1]
+    log = bench.PassLog(lengths=[[3, 5], [4]], token_rows=2, gap_rows=3)
+    backbone = flops.per_token * 12 + flops.per_token_squared * (9 + 25 + 16)
+    assert flops.run(log) == backbone + 2 * flops.per_token_head_row + 3 * flops.per_gap_row
+
+
+def test_sampling_benchmark_rows(model) -> None:
+    num_steps = 8
+    setup = oracle(model, [LENGTH - 2] * 3, num_steps=num_steps)
+    rows = bench.benchmark_sampling(setup, warmup=0, repeats=1)
+    by_name = {row["variant"]: row for row in rows}
+    assert list(by_name) == [v.name for v in bench.VARIANTS]
+    assert by_name["MDLM (no cache)"]["tokens_encoded_per_sequence"] == num_steps * LENGTH
+    assert by_name["MDLM (no cache)"]["passes"] == num_steps
+    elastic = by_name["Elastic-MDM"]
+    assert elastic["mean_length"] == LENGTH and elastic["passes"] <= num_steps + 1
+    assert elastic["tokens_encoded_per_sequence"] < by_name["MDLM (no cache)"]["tokens_encoded_per_sequence"]
+    assert all(row["median_s"] > 0 and row["gflop_per_sequence"] > 0 and row["mfu_percent"] > 0 for row in rows)
+    ratios = bench.sampling_ratios(rows)
+    assert ratios["tokens Elastic / MDLM (no cache)"] < 1.0
+    assert set(ratios) == {f"{kind} Elastic / {name}" for kind in ("time", "tokens") for name in list(by_name)[1:]}
+
+
+def test_bucketed_denoiser_gives_the_same_features(model) -> None:
+    lengths = torch.tensor([5, 17, 2])
+    packed = PackedSequences.from_lengths(lengths)
+    ids = torch.randint(0, VOCAB - 2, (int(lengths.sum()),), generator=torch.Generator().manual_seed(0))
+    level = torch.ones(3)
+    padded_ids, padded, padded_level = bench.pad_to_bucket(ids, packed, level, 16, pad_token_id=VOCAB - 2)
+    assert padded_ids.numel() == 32 and padded.max_seqlen == 32 and padded.batch_size == 4
+    with torch.no_grad():
+        plain = model.diffusion_features(ids, packed, level)
+        bucketed = bench.BucketedDenoiser(model, 16, VOCAB - 2).diffusion_features(ids, packed, level)
+    torch.testing.assert_close(bucketed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_training_benchmark(model) -> None:
+    rows = bench.benchmark_training(
+        model, bench.length_sampler("uniform:4:40", LENGTH), batch_size=4, length=LENGTH, warmup=1, repeats=2
+    )
+    elastic, mdlm = rows
+    assert (elastic["objective"], mdlm["objective"]) == ("elastic", "mdlm")
+    assert mdlm["tokens_encoded_per_step"] == 4 * LENGTH  # the canvas
+    assert elastic["tokens_encoded_per_step"] < mdlm["tokens_encoded_per_step"]
+    assert all(row["median_step_s"] > 0 and row["mfu_percent"] > 0 for row in rows)
+
+
+def test_length_sampler_specs(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    assert bench.length_sampler("fixed", 64)(3, generator).tolist() == [62, 62, 62]
+    drawn = bench.length_sampler("uniform:4:6", 64)(200, generator)
+    assert set(drawn.tolist()) == {2, 3, 4}
+    (tmp_path / "lengths.txt").write_text("10\n200\n")
+    assert set(bench.length_sampler(str(tmp_path / "lengths.txt"), 64)(50, generator).tolist()) == {8, 62}
+    (tmp_path / "lengths.json").write_text("[12]")
+    assert bench.length_sampler(str(tmp_path / "lengths.json"), 64)(2, generator).tolist() == [10, 10]
+    with pytest.raises(ValueError, match="vocab_size"):
+        bench.oracle_config(32, 1, 2, 50, 64)
+
+
+TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--vocab_size", "96",
+        "--length", "40", "--num_steps", "8", "--batch_size", "2", "--warmup", "0", "--repeats", "1",
+        "--train_warmup", "1", "--train_repeats", "1", "--device", "cpu", "--threads", "1"]  # fmt: skip
+
+
+def test_benchmark_script_oracle_mode(tmp_path: Path) -> None:
+    from test_scripts import load_script
+
+    output = tmp_path / "bench.md"
+    results = load_script("benchmark").main(
+        [
+            "--oracle",
+            *TINY,
+            "--schedule",
+            "linear",
+            "exponential",
+            "--lengths",
+            "uniform:10:40",
+            "--output",
+            str(output),
+        ]
+    )
+    assert set(results["sampling"]) == {"linear", "exponential"} and len(results["training"]) == 2
+    markdown = output.read_text()
+    assert "| machine | CPU" in markdown and "| K | 8 |" in markdown and "time Elastic / MDLM (cached)" in markdown
+    saved = json.loads(output.with_suffix(".json").read_text())
+    assert saved["sampling"]["linear"]["rows"][0]["variant"] == "Elastic-MDM"
+
+
+def test_benchmark_script_checkpoint_mode(tmp_path: Path) -> None:
+    from test_scripts import load_script
+
+    config = bench.oracle_config(32, 1, 2, 96, 40)
+    bench.random_model(config).save_pretrained(tmp_path / "random")
+    results = load_script("benchmark").main(
+        ["--checkpoint", str(tmp_path / "random"), *TINY, "--skip", "training", "--bucket", "16"]
+    )
+    rows = results["sampling"]["linear"]["rows"]
+    assert [row["variant"] for row in rows] == [v.name for v in bench.VARIANTS] and results["training"] == []
+    assert all(2 <= row["mean_length"] <= 40 for row in rows)
