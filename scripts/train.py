@@ -63,6 +63,7 @@ class ReportArguments:
     report_num_samples: int = field(default=0, metadata={"help": "Unconditional samples for the report (0: none)."})
     report_num_steps: int = 64
     report_schedule: str = "linear"
+    mdlm_gap_budget: int = field(default=16, metadata={"help": "MDLM objective: masks per open gap of a template."})
 
 
 def parse_arguments(
@@ -196,6 +197,7 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
         seed=training_args.seed,
         num_steps=report_args.report_num_steps,
         schedule=report_args.report_schedule,
+        **({"mdlm_gap_budget": report_args.mdlm_gap_budget} if model.config.objective == "mdlm" else {}),
     )
     print(
         f"\nLengths, generated vs data ({report_args.report_num_samples} samples, K={report_args.report_num_steps}, "
