@@ -546,27 +546,6 @@ def json_validity(texts: Sequence[str], schemas: Sequence[dict]) -> float:
     return sum(any(validate_text(text, schema) for schema in schemas) for text in texts) / len(texts)
 
 
-def template_validity(
-    model,
-    tokenizer,
-    templates: dict[str, tuple[list[int], dict]],
-    *,
-    num_per_template: int,
-    generator: torch.Generator | None = None,
-    **generate_kwargs,
-) -> dict[str, float]:
-    """Structured output (paper §5.4): fill each template (anchors = JSON structure, open gaps = values) and return
-    the share of outputs that validate against the template's schema, per template and overall (`all`)."""
-    shares = {}
-    for name, (template, schema) in templates.items():
-        texts = fill_templates(
-            model, tokenizer, [template], num_per_template=num_per_template, generator=generator, **generate_kwargs
-        )
-        shares[name] = json_validity(texts, [schema])
-    shares["all"] = sum(shares.values()) / max(len(shares), 1)
-    return shares
-
-
 def sample_report(
     model,
     tokenizer,
@@ -575,14 +554,14 @@ def sample_report(
     num_samples: int,
     output_dir: str | Path,
     schemas: Sequence[dict] | None = None,
-    templates: dict[str, tuple[list[int], dict]] | None = None,
+    structured_tasks: Sequence[StructuredTask] | None = None,
     batch_size: int = 64,
     seed: int = 0,
     **generate_kwargs,
 ) -> dict:
     """Sample `num_samples` unconditional sequences; report their lengths against the data (table, PNG), with
-    `schemas` the share of valid JSON, and with `templates` (name -> (template ids, schema)) the share of valid
-    template fills. Writes `length_histogram.png`, `samples.jsonl` and `sample_report.json`."""
+    `schemas` the share of valid JSON, and with `structured_tasks` the share of valid template fills (MDLM checkpoints:
+    pass `mdlm_gap_budget`). Writes `length_histogram.png`, `samples.jsonl` and `sample_report.json`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -591,13 +570,14 @@ def sample_report(
     report = {"num_samples": num_samples, **length_report(generated, data_lengths)}
     if schemas:
         report["json_validity"] = json_validity(samples.texts, schemas)
-    if templates:
-        per_template = max(1, num_samples // (4 * len(templates)))
-        shares = template_validity(
-            model, tokenizer, templates, num_per_template=per_template, generator=generator, **generate_kwargs
+    if structured_tasks:
+        per_template = max(1, num_samples // (4 * len(structured_tasks)))
+        structured = structured_validity(
+            model, tokenizer, structured_tasks, num_per_template=per_template, generator=generator, **generate_kwargs
         )
-        report["template_json_validity"] = shares.pop("all")
-        report["template_json_validity_by_schema"] = shares
+        report["template_json_validity"] = structured["json_validity"]
+        report["template_json_validity_by_schema"] = structured["by_name"]
+        report["templates_too_long"] = structured["too_long"]
     report["histogram_png"] = str(save_length_histogram(generated, data_lengths, output_dir / "length_histogram.png"))
     report["table"] = length_histogram_table(generated, data_lengths)
     write_samples(samples, output_dir / "samples.jsonl")
@@ -714,7 +694,6 @@ __all__ = [
     "fill_templates",
     "structured_validity",
     "json_validity",
-    "template_validity",
     "sample_report",
     "write_samples",
     "markdown_table",

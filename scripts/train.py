@@ -179,13 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
     """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
     from elastic_mdm.corpus import length_statistics
-    from elastic_mdm.synthetic import SCHEMAS, template_token_ids
+    from elastic_mdm.evaluation import builtin_structured_tasks
+    from elastic_mdm.synthetic import SCHEMAS
 
     model.eval()
-    schemas = templates = None
+    schemas = tasks = None
     if data_args.dataset_name == "synthetic-json":
-        schemas = list(SCHEMAS.values())
-        templates = {name: (template_token_ids(tokenizer, name), schema) for name, schema in SCHEMAS.items()}
+        schemas, tasks = list(SCHEMAS.values()), builtin_structured_tasks(tokenizer)
     result = sample_report(
         model,
         tokenizer,
@@ -193,7 +193,7 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
         num_samples=report_args.report_num_samples,
         output_dir=Path(training_args.output_dir) / "report",
         schemas=schemas,
-        templates=templates,
+        structured_tasks=tasks,
         seed=training_args.seed,
         num_steps=report_args.report_num_steps,
         schedule=report_args.report_schedule,
