@@ -110,6 +110,10 @@ class DataArguments:
         default=None, metadata={"help": "Keep at most this many evaluation examples (chunks)."}
     )
     num_synthetic_records: int = field(default=20000, metadata={"help": f"Training records of '{SYNTHETIC_DATASET}'."})
+    synthetic_anchor_share: float = field(
+        default=0.0,
+        metadata={"help": f"Share of '{SYNTHETIC_DATASET}' training records whose JSON structure is anchored."},
+    )
     num_synthetic_eval_records: int = field(
         default=1000, metadata={"help": f"Evaluation records of '{SYNTHETIC_DATASET}' (drawn with another seed)."}
     )
@@ -149,6 +153,8 @@ class DataArguments:
             raise ValueError(f"eval_fraction={self.eval_fraction} must lie strictly between 0 and 1.")
         if self.text_sample_by not in TEXT_SAMPLE_BY:
             raise ValueError(f"text_sample_by={self.text_sample_by!r} is unknown; use one of {TEXT_SAMPLE_BY}.")
+        if not 0.0 <= self.synthetic_anchor_share <= 1.0:
+            raise ValueError(f"synthetic_anchor_share={self.synthetic_anchor_share} must lie in [0, 1].")
 
     @property
     def is_synthetic(self) -> bool:
@@ -675,7 +681,10 @@ def load_datasets(
         "keep_empty": data_args.keep_empty_documents,
         "num_proc": data_args.preprocessing_num_workers,
     }
-    train = tokenize_dataset(train_documents, split="train", max_samples=data_args.max_train_samples, **common)
+    if data_args.is_synthetic and data_args.synthetic_anchor_share > 0:
+        train = anchored_synthetic_train(data_args, tokenizer, max_length, seed)
+    else:
+        train = tokenize_dataset(train_documents, split="train", max_samples=data_args.max_train_samples, **common)
     eval_ = tokenize_dataset(eval_documents, split="eval", max_samples=data_args.max_eval_samples, **common)
     if data_args.is_synthetic and not data_args.streaming and len(train) > data_args.num_synthetic_records:
         logger.warning(
@@ -683,6 +692,25 @@ def load_datasets(
             "chunks (no longer whole JSON records); raise max_position_embeddings to keep them whole."
         )
     return train, eval_
+
+
+def anchored_synthetic_train(
+    data_args: DataArguments, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int
+) -> Any:
+    """The synthetic training records with `input_ids` and `anchor_mask` (`synthetic.anchored_features`): the same
+    records and ids as the text path, plus anchored JSON structure in a share of them."""
+    import datasets
+
+    records = synthetic.generate_records(data_args.num_synthetic_records, seed)
+    features = synthetic.anchored_features(tokenizer, records, data_args.synthetic_anchor_share, seed)
+    longest = max(len(f["input_ids"]) for f in features)
+    if longest > max_length:
+        raise ValueError(
+            f"A '{SYNTHETIC_DATASET}' record has {longest} tokens, more than max_length={max_length}: raise "
+            "max_position_embeddings or set synthetic_anchor_share=0 (records are then split into chunks)."
+        )
+    train = datasets.Dataset.from_list(features[: data_args.max_train_samples])
+    return train.to_iterable_dataset() if data_args.streaming else train
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -392,13 +392,39 @@ def template_token_ids(tokenizer: PreTrainedTokenizerFast, schema_name: str) -> 
 
 def fill_template(tokenizer: PreTrainedTokenizerFast, template: Sequence[int], values: Sequence[str]) -> list[int]:
     """Replace the i-th mask of `template` by the separately tokenized `values[i]`."""
+    return fill_template_with_anchors(tokenizer, template, values)[0]
+
+
+def fill_template_with_anchors(
+    tokenizer: PreTrainedTokenizerFast, template: Sequence[int], values: Sequence[str]
+) -> tuple[list[int], list[bool]]:
+    """`fill_template`, and for each token whether it is template text (an anchor) or part of a value."""
     if sum(t == tokenizer.mask_token_id for t in template) != len(values):
         raise ValueError("Give exactly one value per mask of the template.")
     fills = iter(values)
     ids: list[int] = []
+    anchors: list[bool] = []
     for t in template:
-        ids += _encode_piece(tokenizer, next(fills)) if t == tokenizer.mask_token_id else [t]
-    return ids
+        piece = _encode_piece(tokenizer, next(fills)) if t == tokenizer.mask_token_id else [t]
+        ids += piece
+        anchors += [t != tokenizer.mask_token_id] * len(piece)
+    return ids, anchors
+
+
+def anchored_features(
+    tokenizer: PreTrainedTokenizerFast, records: Sequence[dict], anchor_share: float, seed: int = 0
+) -> list[dict[str, list]]:
+    """Training features of `records` in which, for a share `anchor_share` of them, the template tokens (braces,
+    brackets, quotes, keys) are anchors that are never noised: the training counterpart of filling templates."""
+    rng = random.Random(seed)
+    features = []
+    for record in records:
+        template = template_token_ids(tokenizer, record["schema_name"])
+        values = template_values(record["schema"], record["instance"])
+        ids, anchors = fill_template_with_anchors(tokenizer, template, values)
+        anchored = rng.random() < anchor_share
+        features.append({"input_ids": ids, "anchor_mask": [a and anchored for a in anchors]})
+    return features
 
 
 # ---------------------------------------------------------------------------------------------------------------

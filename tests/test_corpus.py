@@ -372,3 +372,23 @@ def test_length_statistics_inputs(tokenizer):
     assert length_statistics(stream, n=7).tolist() == expected[:7]
     with pytest.raises(ValueError, match="Give n"):
         length_statistics(stream)
+
+
+def test_synthetic_anchored_structure(tokenizer) -> None:
+    """With synthetic_anchor_share, the train records keep their ids and mark the JSON structure as anchors in a share
+    of them (the training counterpart of template filling)."""
+    args = DataArguments(dataset_name="synthetic-json", num_synthetic_records=200, num_synthetic_eval_records=8,
+                         synthetic_anchor_share=0.5)  # fmt: skip
+    train, _ = load_datasets(args, tokenizer, max_length=80, seed=3)
+    plain, _ = load_datasets(
+        DataArguments(dataset_name="synthetic-json", num_synthetic_records=200, num_synthetic_eval_records=8),
+        tokenizer, max_length=80, seed=3,
+    )
+    assert train[:]["input_ids"] == plain[:]["input_ids"]
+    anchored = [any(mask) for mask in train[:]["anchor_mask"]]
+    assert 0.3 < sum(anchored) / len(anchored) < 0.7
+    ids, mask = train[anchored.index(True)]["input_ids"], train[anchored.index(True)]["anchor_mask"]
+    structure = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m], skip_special_tokens=True)
+    assert structure.startswith("{") and structure.endswith("}") and '":' in structure
+    with pytest.raises(ValueError, match="synthetic_anchor_share"):
+        DataArguments(dataset_name="synthetic-json", synthetic_anchor_share=1.5)
