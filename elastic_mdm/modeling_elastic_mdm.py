@@ -370,9 +370,8 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         self.embed_tokens = value
 
     def conditioning(self, noise_level: torch.Tensor | None, packed: PackedSequences) -> torch.Tensor | None:
-        """`c = silu(time_embed(1000 · s'))` per sequence `[batch, cond]`, or the constant `silu(time_embed(0))`
-        `[1, cond]`
-        when `time_conditioning` is off (MDLM)."""
+        """`c = silu(time_embed(1000 · s'))` per sequence `[batch, cond]`; when `time_conditioning` is off, the
+        constant `silu(time_embed(0))` `[1, cond]` (MDLM)."""
         if self.time_embed is None:
             return None
         if not self.config.time_conditioning:
@@ -445,10 +444,10 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             raise ValueError("A packed batch needs input_ids of shape [tokens] and cu_seqlens of shape [batch + 1].")
         if cu_seqlens.numel() < 2 or input_ids.numel() == 0:
             raise ValueError("The batch is empty: input_ids holds no sequence.")
-        if int(cu_seqlens[-1]) != input_ids.numel() or int(cu_seqlens[0]) != 0:
+        ends = cu_seqlens[[0, -1]].tolist()  # one read-back
+        if ends != [0, input_ids.numel()]:
             raise ValueError(
-                f"cu_seqlens must run from 0 to the number of tokens ({input_ids.numel()}), "
-                f"got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}."
+                f"cu_seqlens must run from 0 to the number of tokens ({input_ids.numel()}), got {ends[0]}..{ends[1]}."
             )
         packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=input_ids.numel())
         if packed.max_seqlen > self.config.max_position_embeddings:
