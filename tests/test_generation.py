@@ -13,9 +13,10 @@ from itertools import pairwise
 
 import pytest
 import torch
+from helpers import BOS, EOS, MASK, MAX_POS, PAD, VOCAB, tiny_config
 from transformers.generation.logits_process import LogitsProcessorList
 
-from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.generation_elastic_mdm import ActiveState, ElasticMDMGenerationConfig, sample_elastic
 from elastic_mdm.packing import PackedSequences
 from elastic_mdm.schedules import SCHEDULES, RevealSchedule, get_schedule
@@ -290,26 +291,7 @@ def test_oracle_trajectory_shows_the_masks_fed(use_cache: bool) -> None:
 # generate() on tiny random models
 # ---------------------------------------------------------------------------------------------------------------
 
-PAD, BOS, EOS, MASK = 0, 1, 2, 3
-VOCAB, MAX_POS = 64, 64
 ANCHORS = (5, 6, 7, 8)  # ids the tame model never generates, so anchors can be found in the output
-
-
-def tiny_config(**overrides) -> ElasticMDMConfig:
-    params = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_POS,
-        cond_dim=16,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        mask_token_id=MASK,
-    )
-    params.update(overrides)
-    return ElasticMDMConfig(**params)
 
 
 @torch.no_grad()

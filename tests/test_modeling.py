@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BOS, EOS, MASK, MAX_POS, PAD, VOCAB, tiny_config
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
 from elastic_mdm.generation_elastic_mdm import ElasticMDMGenerationConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PAD, BOS, EOS, MASK = 0, 1, 2, 3
-VOCAB, MAX_POS = 64, 64
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS: dict[str, dict] = {
@@ -31,23 +30,6 @@ VARIANTS: dict[str, dict] = {
     "llama-adaln-product": dict(block_type="llama", adaln=True, gap_head_type="product"),
     "llama-adaln-time": dict(block_type="llama", adaln=True, time_conditioning=True),
 }
-
-
-def tiny_config(**overrides) -> ElasticMDMConfig:
-    params = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_POS,
-        cond_dim=16,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        mask_token_id=MASK,
-    )
-    params.update(overrides)
-    return ElasticMDMConfig(**params)
 
 
 @torch.no_grad()
