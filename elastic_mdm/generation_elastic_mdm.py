@@ -322,7 +322,7 @@ def sample_elastic(
         counts, clipped = cap_insertions(counts, state.sequence_ids[open_rows], state.lengths, max_length)
         hit_max_length |= clipped
         all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
-        dirty[state.sequence_ids[open_rows[counts > 0]]] = True
+        dirty |= torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids[open_rows], counts) > 0  # no sync
         state, new_rows = insert_masks(state, all_counts, mask_token_id)
         hidden = hidden.new_empty(state.tokens.numel(), hidden.shape[-1]).index_copy_(0, new_rows, hidden)
 
