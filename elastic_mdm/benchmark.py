@@ -30,11 +30,10 @@ medians are reported. On CUDA the clock is read after `torch.cuda.synchronize()`
 and two one-hot scatters per pass) is included in the Elastic time; it is small next to a backbone pass.
 
 Overhead (DESIGN §8): in eager mode a pass costs ~17 ms on an H100 however short its input is, so the Elastic
-savings only show once the per-step overhead is gone. Hooks: `compile_backbone` (`torch.compile`, e.g.
-`mode="reduce-overhead"`, which captures CUDA graphs on CUDA) and `BucketedDenoiser`, which pads every pass to a
-static shape bucket (tokens and longest sequence rounded up) so that a per-bucket graph can be reused.
-TODO(gpu): an explicit `torch.cuda.CUDAGraph` capture per bucket (static input buffers, replay) on top of
-`BucketedDenoiser`, and a sampler loop without host synchronisation; both need a GPU to validate.
+savings only show once the per-step overhead is gone. Both samplers read the device once per step; on top of that,
+`static_shape_wrapper` pads every pass to a shape bucket (`cuda_graphs.StaticShapeDenoiser`) or replays it from a
+CUDA graph captured per bucket (`cuda_graphs.CUDAGraphDenoiser`), for Elastic-MDM and MDLM alike, and
+`compile_backbone` runs `torch.compile` on the backbone.
 """
 
 from __future__ import annotations
@@ -55,6 +54,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from .configuration_elastic_mdm import ElasticMDMConfig
+from .cuda_graphs import CUDAGraphDenoiser, StaticShapeDenoiser
 from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator
 from .evaluation import markdown_table
 from .generation_elastic_mdm import ActiveState, ElasticMDMGenerateOutput, sample_elastic, sample_mdlm
@@ -119,7 +119,7 @@ def compile_backbone(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Denoisers: oracle, counting, shape buckets
+# Denoisers: oracle, counting, static shapes
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -184,7 +184,7 @@ class CountingDenoiser:
         return self
 
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
-        self.log.lengths.append(packed.lengths.tolist())
+        self.log.lengths.append([n for n in packed.lengths.tolist() if n > 0])  # cached sequences enter empty
         return self.inner.diffusion_features(input_ids, packed, noise_level)
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -196,40 +196,19 @@ class CountingDenoiser:
         return self.inner.gap_logits(hidden, left)
 
 
-def round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def static_shape_wrapper(pad_token_id: int, granularity: int = 64, cuda_graphs: bool = False) -> Callable[[Any], Any]:
+    """A `SamplingSetup.run` `wrap` that pads every pass to its shape bucket (`StaticShapeDenoiser`) or replays it
+    from a CUDA graph (`CUDAGraphDenoiser`). One wrapper per denoiser, kept across runs: the warm-up runs capture
+    the graphs, the timed runs replay them."""
+    kind = CUDAGraphDenoiser if cuda_graphs else StaticShapeDenoiser
+    wrappers: dict[int, tuple[Any, Any]] = {}  # id(inner) -> (inner, wrapper); inner kept alive so ids stay unique
 
+    def wrap(inner):
+        if id(inner) not in wrappers:
+            wrappers[id(inner)] = (inner, kind(inner, pad_token_id, granularity))
+        return wrappers[id(inner)][1]
 
-def pad_to_bucket(
-    input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor, bucket: int, pad_token_id: int
-) -> tuple[torch.Tensor, PackedSequences, torch.Tensor]:
-    """The packed stream plus one dummy sequence of `pad_token_id` so that the token count is a multiple of `bucket`,
-    and `max_seqlen` rounded up to a multiple of `bucket`: a static shape per bucket (the real rows come first)."""
-    tokens = input_ids.numel()
-    extra = round_up(tokens + 1, bucket) - tokens  # at least one dummy token: the shape never depends on the data
-    ids = torch.cat([input_ids, input_ids.new_full((extra,), pad_token_id)])
-    cu = torch.cat([packed.cu_seqlens, packed.cu_seqlens.new_full((1,), tokens + extra)])
-    longest = round_up(max(packed.max_seqlen, extra), bucket)
-    level = torch.cat([noise_level, noise_level.new_ones(1)])
-    return ids, PackedSequences.from_cu_seqlens(cu, longest, tokens + extra), level
-
-
-class BucketedDenoiser:
-    """Runs `inner` on inputs padded by `pad_to_bucket` (a dummy last sequence, never attended to by the real ones)
-    and returns the real rows: the same features, on a handful of static shapes (what CUDA graphs need)."""
-
-    def __init__(self, inner, bucket: int, pad_token_id: int):
-        self.inner, self.bucket, self.pad_token_id = inner, bucket, pad_token_id
-
-    def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
-        padded = pad_to_bucket(input_ids, packed, noise_level, self.bucket, self.pad_token_id)
-        return self.inner.diffusion_features(*padded)[: input_ids.numel()]
-
-    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.inner.token_logits(hidden)
-
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-        return self.inner.gap_logits(hidden, left)
+    return wrap
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -698,8 +677,7 @@ __all__ = [
     "OracleDenoiser",
     "CountingDenoiser",
     "PassLog",
-    "pad_to_bucket",
-    "BucketedDenoiser",
+    "static_shape_wrapper",
     "FlopModel",
     "length_sampler",
     "Variant",

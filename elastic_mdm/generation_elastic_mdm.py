@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import ModelOutput
 
+from .cuda_graphs import CUDAGraphDenoiser
 from .packing import PackedSequences, cu_seqlens_from_lengths
 from .schedules import RevealSchedule, get_schedule, reveal_probability
 
@@ -45,6 +46,9 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         mdlm_gap_budget: `objective="mdlm"` with `template_ids` only: the fixed number of placeholder masks each
             open gap of a template gets (the paper's §5.4 MDLM baseline). Pad / EOS tokens the model writes inside a
             gap are dropped from the result: they are how MDLM writes a value shorter than the budget.
+        cuda_graphs: Replay every denoiser pass from a CUDA graph captured per static shape bucket
+            (`cuda_graphs.CUDAGraphDenoiser`; the model must be on a CUDA device). Removes the per-pass launch
+            overhead that dominates short passes (DESIGN §8); the first call of each bucket captures its graph.
         do_sample, temperature, top_k, top_p: Token sampling, as in Transformers.
 
     `gap_temperature` and `gap_do_sample` only concern `objective="elastic"` models (MDLM has no gap head).
@@ -60,6 +64,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         output_trajectory: bool = False,
         progress_bar: bool = False,
         mdlm_gap_budget: int | None = None,
+        cuda_graphs: bool = False,
         **kwargs,
     ):
         self.num_steps = num_steps
@@ -70,6 +75,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         self.output_trajectory = output_trajectory
         self.progress_bar = progress_bar
         self.mdlm_gap_budget = mdlm_gap_budget
+        self.cuda_graphs = cuda_graphs
         kwargs.setdefault("do_sample", True)
         kwargs.setdefault("use_cache", True)
         super().__init__(**kwargs)
@@ -145,11 +151,16 @@ class ActiveState:
 
 
 def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of `softmax(logits)` (`argmax` when not sampling)."""
+    """One draw per row of `softmax(logits)` (`argmax` when not sampling).
+
+    Exponential race: `argmax_v p_v / E_v` with `E_v ~ Exp(1)` is a draw of `p` (the Gumbel-max trick after `exp`).
+    It is what `torch.multinomial(p, 1)` computes, draw for draw, without its validity check, which reads the
+    device back (a host sync per step on CUDA)."""
     if not do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
 
 
 def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -162,14 +173,18 @@ def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator
     return torch.binomial(count.float(), p, generator=generator).long()
 
 
-def insert_masks(state: ActiveState, counts: torch.Tensor, mask_token_id: int) -> tuple[ActiveState, torch.Tensor]:
+def insert_masks(
+    state: ActiveState, counts: torch.Tensor, mask_token_id: int, total: int | None = None
+) -> tuple[ActiveState, torch.Tensor]:
     """Insert `counts[i]` masks after token `i`; returns the new state and the new row of every old token.
 
-    New masks inherit the open flag of their gap (they sit inside an open gap).
+    New masks inherit the open flag of their gap (they sit inside an open gap). `total`, the new token count, is
+    read from the device when not given.
     """
     repeats = counts + 1  # [T]
     new_rows = repeats.cumsum(0) - repeats  # [T] where old token i lands
-    total = state.tokens.numel() + int(counts.sum())
+    if total is None:
+        total = state.tokens.numel() + int(counts.sum())
     tokens = torch.full((total,), mask_token_id, dtype=state.tokens.dtype, device=state.tokens.device)
     tokens[new_rows] = state.tokens
     lengths = state.lengths + torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids, counts)
@@ -255,6 +270,32 @@ def generate_output(
     )
 
 
+def host_read(*values: torch.Tensor) -> list[int]:
+    """The device-to-host read of a sampling step: a few integer scalars stacked and copied back at once (each
+    separate `int(tensor)` would stall the stream once; the step loops below read once per step)."""
+    return torch.stack([value.reshape(()).long() for value in values]).tolist()
+
+
+def rows_where(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """`[count]` indices of the `True` entries of `flags` `[T]`, `count` known on the host (no read-back)."""
+    return torch.nonzero_static(flags, size=count).squeeze(-1)
+
+
+@dataclass
+class PassWork:
+    """What the next denoiser pass encodes, known on the host: its token count and longest sequence."""
+
+    tokens: int
+    longest: int
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, dirty: torch.Tensor, *more: torch.Tensor) -> tuple[PassWork, list[int]]:
+        """The work of the `dirty` sequences of `lengths` `[B]`, read in one go with the scalars `more`."""
+        selected = lengths * dirty  # [B] zero for the sequences a pass reuses
+        tokens, longest, *values = host_read(selected.sum(), selected.max(), *more)
+        return cls(tokens, longest), values
+
+
 def sample_elastic(
     denoiser: Denoiser,
     state: ActiveState,
@@ -287,44 +328,57 @@ def sample_elastic(
     ```
     `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
     last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
+
+    The loop reads the device once per step (DESIGN §8), after the insertion: the number of inserted masks and the
+    size of the next pass. The host then knows every count a step needs: the masks to fill are the masks inserted
+    at the previous step (all of them are filled at every pass), and every inserted mask is open.
     """
     reveal, reveal_share = reveal_tables(schedule, num_steps)  # F(k), q_k for k = 0..K
     batch = state.lengths.numel()
-    device = state.tokens.device
-    hidden = None
-    dirty = torch.ones(batch, dtype=torch.bool, device=device)  # needs a fresh pass
-    hit_max_length = torch.zeros(batch, dtype=torch.bool, device=device)
-    trajectory, num_passes, tokens_processed = [], 0, 0
+    everything = torch.ones(batch, dtype=torch.bool, device=state.tokens.device)
+    dirty = everything  # [B] needs a fresh pass
+    hit_max_length = torch.zeros_like(everything)
+    work, (num_masks, num_open) = PassWork.of(
+        state.lengths, everything, (state.tokens == mask_token_id).sum(), state.open_after.sum()
+    )
+    hidden, trajectory, num_passes, tokens_processed = None, [], 0, 0
     for k in step_range(num_steps + 1, "elastic-mdm", progress_bar):
         if output_trajectory:
             trajectory.append(state.split())
-        is_mask = state.tokens == mask_token_id  # [T]
         q = reveal_share[k]
         grows = q > 0.0
-        if not grows and not bool(is_mask.any()):
+        if not grows and num_masks == 0:
             continue  # nothing to fill, nothing to insert (flat stretch of a clipped schedule)
 
-        hidden, computed = encode_dirty(denoiser, state, hidden, dirty, reveal[k])
-        num_passes += int(computed > 0)
-        tokens_processed += computed
-        dirty = state.lengths.new_zeros(batch, dtype=torch.bool) if use_cache else torch.ones_like(dirty)
+        if work is None:  # after a step that filled without inserting (clipped schedules only)
+            work, _ = PassWork.of(state.lengths, dirty)
+        if work.tokens > 0:
+            hidden = encode_dirty(denoiser, state, hidden, dirty, work, reveal[k])
+            num_passes += 1
+            tokens_processed += work.tokens
+        dirty = torch.zeros_like(everything) if use_cache else everything
 
-        mask_rows = is_mask.nonzero().squeeze(-1)
+        mask_rows = rows_where(state.tokens == mask_token_id, num_masks)
         fill_tokens(denoiser, hidden, state, mask_rows, dirty, token_processors, do_sample, generator)
-
+        num_masks = 0
         if not grows:
+            work = None if use_cache else work
             continue
-        open_rows = state.open_after.nonzero().squeeze(-1)
+
+        open_rows = rows_where(state.open_after, num_open)
         gaps = sample_categorical(
             denoiser.gap_logits(hidden, open_rows).float() / gap_temperature, gap_do_sample, generator
         )
         counts = sample_binomial(gaps, q, generator)  # [open]
         counts, clipped = cap_insertions(counts, state.sequence_ids[open_rows], state.lengths, max_length)
         hit_max_length |= clipped
+        added = torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids[open_rows], counts)  # [B]
+        dirty = dirty | (added > 0)
+        work, (inserted,) = PassWork.of(state.lengths + added, dirty, counts.sum())  # the step's one read
         all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
-        dirty |= torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids[open_rows], counts) > 0  # no sync
-        state, new_rows = insert_masks(state, all_counts, mask_token_id)
+        state, new_rows = insert_masks(state, all_counts, mask_token_id, total=state.tokens.numel() + inserted)
         hidden = hidden.new_empty(state.tokens.numel(), hidden.shape[-1]).index_copy_(0, new_rows, hidden)
+        num_masks, num_open = inserted, num_open + inserted
 
     if output_trajectory:
         trajectory.append(state.split())
@@ -334,24 +388,28 @@ def sample_elastic(
 
 
 def encode_dirty(
-    denoiser: Denoiser, state: ActiveState, hidden: torch.Tensor | None, dirty: torch.Tensor, noise_level: float
-) -> tuple[torch.Tensor, int]:
-    """Run the denoiser on the sequences flagged `dirty` only and write their rows of `hidden`; returns the tokens
-    encoded."""
-    if hidden is None or bool(dirty.all()):
-        rows, lengths = None, state.lengths
+    denoiser: TokenDenoiser,
+    state: ActiveState,
+    hidden: torch.Tensor | None,
+    dirty: torch.Tensor,
+    work: PassWork,
+    noise_level: float,
+) -> torch.Tensor:
+    """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many tokens they hold and the
+    longest) and return `hidden` with their rows replaced. The other sequences enter the pass with length 0, so the
+    batch size, hence the shape of the conditioning, never changes (what static shape buckets need)."""
+    everything = hidden is None or work.tokens == state.tokens.numel()
+    if everything:
+        rows, lengths, tokens = None, state.lengths, state.tokens
     else:
-        rows = dirty[state.sequence_ids].nonzero().squeeze(-1)
-        lengths = state.lengths[dirty]
-        if rows.numel() == 0:
-            return hidden, 0
-    tokens = state.tokens if rows is None else state.tokens[rows]
-    packed = PackedSequences.from_lengths(lengths)
+        rows = rows_where(dirty[state.sequence_ids], work.tokens)  # [work.tokens]
+        lengths, tokens = state.lengths * dirty, state.tokens[rows]
+    packed = PackedSequences.from_cu_seqlens(cu_seqlens_from_lengths(lengths), work.longest, work.tokens)
     level = torch.full((lengths.numel(),), noise_level, device=tokens.device)
     features = denoiser.diffusion_features(tokens, packed, level)
     if rows is None:
-        return features, tokens.numel()
-    return hidden.index_copy(0, rows, features.to(hidden.dtype)), tokens.numel()
+        return features
+    return hidden.index_copy(0, rows, features.to(hidden.dtype))
 
 
 def sample_mdlm(
@@ -397,7 +455,8 @@ def sample_mdlm(
     `use_cache` (MDLM's `ddpm_cache`; exact unless the model is time-conditioned): a sequence is encoded only at a
     step that reveals one of its positions, and its last pass is reused when its canvas did not change since. With
     `use_cache=False` every step runs one full pass (`K · B · L` tokens), MDLM's plain sampler. The random draws do
-    not depend on `use_cache`, so both give the same samples for a fixed `generator`.
+    not depend on `use_cache`, so both give the same samples for a fixed `generator`. Like `sample_elastic`, the loop
+    reads the device once per step (the number of revealed positions and the size of the pass).
 
     Output: prompt / unconditional sequences end at the first EOS generated after the prompt (length = its index + 1);
     with none, the length is `L` and `hit_max_length` is set. Templates keep every anchor and every generated token
@@ -407,27 +466,29 @@ def sample_mdlm(
     canvas, template_lengths = mdlm_canvas(state, max_length, mask_token_id, pad_token_id, gap_budget)
     generated = canvas.tokens == mask_token_id  # [B * L] positions the model writes
     reveal, reveal_share = reveal_tables(schedule, num_steps)
-    batch = canvas.lengths.numel()
-    hidden = None
-    dirty = torch.ones(batch, dtype=torch.bool, device=canvas.tokens.device)  # canvas changed since its last pass
-    trajectory, num_passes, tokens_processed = [], 0, 0
+    everything = torch.ones(canvas.lengths.numel(), dtype=torch.bool, device=canvas.tokens.device)
+    dirty = everything  # [B] canvas changed since its last pass
+    (num_masks,) = host_read(generated.sum())
+    hidden, trajectory, num_passes, tokens_processed = None, [], 0, 0
     for k in step_range(num_steps, "mdlm", progress_bar):
         if output_trajectory:
             trajectory.append(canvas.split())
-        rows = reveal_rows(canvas.tokens == mask_token_id, reveal_share[k], generator)  # [R]
-        if use_cache:
-            needed = torch.zeros_like(dirty).index_fill_(0, canvas.sequence_ids[rows], True)
-            stale = dirty & needed
+        mask_rows = rows_where(canvas.tokens == mask_token_id, num_masks)  # [M]
+        revealed = reveal_draw(num_masks, reveal_share[k], generator, canvas.tokens.device)  # [M]
+        if use_cache and hidden is not None:  # encode the changed canvases with a revealed position
+            needed = torch.zeros_like(canvas.lengths).index_add_(0, canvas.sequence_ids[mask_rows], revealed.long())
+            stale = dirty & (needed > 0)
         else:
-            hidden, stale = None, torch.ones_like(dirty)
-        if bool(stale.any()):
-            if hidden is None:  # the first pass encodes every sequence
-                stale = torch.ones_like(dirty)
-            hidden, computed = encode_dirty(denoiser, canvas, hidden, stale, reveal[k])
+            stale = everything
+        work, (num_revealed,) = PassWork.of(canvas.lengths, stale, revealed.sum())  # the step's one read
+        if work.tokens > 0:
+            hidden = encode_dirty(denoiser, canvas, hidden, stale, work, reveal[k])
             num_passes += 1
-            tokens_processed += computed
-            dirty &= ~stale
+            tokens_processed += work.tokens
+            dirty = dirty & ~stale
+        rows = mask_rows[rows_where(revealed, num_revealed)]  # [R]
         fill_tokens(denoiser, hidden, canvas, rows, dirty, token_processors, do_sample, generator)
+        num_masks -= num_revealed
 
     if output_trajectory:
         trajectory.append(canvas.split())
@@ -440,16 +501,12 @@ def sample_mdlm(
     )
 
 
-def reveal_rows(is_mask: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Rows of the masked positions `is_mask` `[T]` revealed this step, each independently with probability `prob`
-    (all at `prob >= 1`, none at `prob <= 0`; only the strictly fractional case draws random numbers)."""
-    rows = is_mask.nonzero().squeeze(-1)  # [M]
-    if prob >= 1.0 or rows.numel() == 0:
-        return rows
-    if prob <= 0.0:
-        return rows[:0]
-    draws = torch.rand(rows.numel(), generator=generator, dtype=torch.float64, device=rows.device)
-    return rows[draws < prob]
+def reveal_draw(count: int, prob: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`[count]` independent `Bernoulli(prob)` flags: which masked positions a step reveals (all at `prob >= 1`, none
+    at `prob <= 0`; only the strictly fractional case draws random numbers)."""
+    if prob >= 1.0 or prob <= 0.0 or count == 0:
+        return torch.full((count,), prob >= 1.0, dtype=torch.bool, device=device)
+    return torch.rand(count, generator=generator, dtype=torch.float64, device=device) < prob
 
 
 def mdlm_canvas(
@@ -588,12 +645,13 @@ class ElasticMDMGenerationMixin:
             output_trajectory=config.output_trajectory,
             progress_bar=config.progress_bar,
         )
+        denoiser = self._cuda_graph_denoiser(pad) if config.cuda_graphs else self
         if self.config.objective == "mdlm":
             budget = self._mdlm_gap_budget(config, template_ids is not None)
-            output = sample_mdlm(self, state, eos_token_id=self.config.eos_token_id, gap_budget=budget, **common)
+            output = sample_mdlm(denoiser, state, eos_token_id=self.config.eos_token_id, gap_budget=budget, **common)
         else:
             output = sample_elastic(
-                self, state, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample, **common
+                denoiser, state, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample, **common
             )
         if return_dict_in_generate:
             return output
@@ -629,6 +687,20 @@ class ElasticMDMGenerationMixin:
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
             raise ValueError(f"mdlm_gap_budget must be an integer >= 1 (masks per open gap), got {budget!r}.")
         return config
+
+    def _cuda_graph_denoiser(self, pad_token_id: int) -> CUDAGraphDenoiser:
+        """The model's graph cache, kept across calls; rebuilt when the weights moved (dtype or device change)."""
+        if self.device.type != "cuda":
+            raise ValueError(
+                f"cuda_graphs=True needs the model on a CUDA device (it is on {self.device}); move it with "
+                "model.to('cuda') or drop cuda_graphs."
+            )
+        weights = next(self.parameters())
+        key = (weights.data_ptr(), weights.dtype, pad_token_id)
+        cached = getattr(self, "_cuda_graphs", None)
+        if cached is None or cached[0] != key:
+            cached = self._cuda_graphs = (key, CUDAGraphDenoiser(self, pad_token_id))
+        return cached[1]
 
     @staticmethod
     def _mdlm_gap_budget(config: ElasticMDMGenerationConfig, has_template: bool) -> int | None:

@@ -33,6 +33,9 @@ from elastic_mdm.schedules import get_schedule
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+VARIANTS = dict(zip(("elastic", "mdlm-cached", "mdlm-no-cache"), bench.VARIANTS, strict=True))
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -56,6 +59,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--lengths", default="fixed", help="oracle/training data lengths: fixed | synthetic | "
                      "uniform:LO:HI | a file of lengths (see benchmark.length_sampler)")  # fmt: skip
     run.add_argument("--skip", nargs="*", default=[], choices=["sampling", "training"])
+    run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                     help="samplers to time (mdlm-no-cache costs K full passes)")  # fmt: skip
     run.add_argument("--warmup", type=int, default=1, help="untimed sampling runs")
     run.add_argument("--repeats", type=int, default=3, help="timed sampling runs (median)")
     run.add_argument("--train_warmup", type=int, default=2)
@@ -65,8 +70,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     hw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     hw.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16/fp16: autocast over fp32 weights")
     hw.add_argument("--compile", nargs="?", const="default", help="torch.compile the backbone (mode: default, "
-                    "reduce-overhead = CUDA graphs on CUDA, max-autotune)")  # fmt: skip
-    hw.add_argument("--bucket", type=int, help="pad each pass to a multiple of this many tokens (static shapes)")
+                    "max-autotune-no-cudagraphs, ...; with --cuda_graphs keep a mode without graphs)")  # fmt: skip
+    hw.add_argument("--bucket", type=int, help="pad each pass to its static shape bucket, on a geometric grid of "
+                    "this granularity in tokens (cuda_graphs.bucket_size)")  # fmt: skip
+    hw.add_argument("--cuda_graphs", action="store_true", help="replay every pass from a CUDA graph captured per "
+                    "shape bucket (granularity --bucket, default 64), for every sampler")  # fmt: skip
     hw.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
     hw.add_argument("--peak_tflops", type=float, default=bench.H100_BF16_DENSE_TFLOPS, help="for MFU")
     parser.add_argument("--output", help="write the Markdown here (and the JSON next to it)")
@@ -116,7 +124,11 @@ def run_settings(args: argparse.Namespace, model, schedule: str) -> dict[str, An
         "schedule": schedule,
         "dtype": f"{args.dtype} (autocast)" if DTYPES[args.dtype] else args.dtype,
         "compile": args.compile or "no",
-        "bucket": args.bucket or "no",
+        "static shapes": f"CUDA graphs, granularity {args.bucket or 64}"
+        if args.cuda_graphs
+        else f"granularity {args.bucket}"
+        if args.bucket
+        else "no",
         "attention": args.attn_implementation,
         "peak TFLOP/s (MFU)": args.peak_tflops,
         "torch": torch.__version__,
@@ -133,16 +145,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for m in (model, mdlm_model):
             if m is not None:
                 bench.compile_backbone(m, None if args.compile == "default" else args.compile)
-    pad = model.config.eos_token_id
-    wrap = (lambda d: bench.BucketedDenoiser(d, args.bucket, pad)) if args.bucket else (lambda d: d)
+    wrap = lambda d: d
+    if args.bucket or args.cuda_graphs:
+        wrap = bench.static_shape_wrapper(model.config.eos_token_id, args.bucket or 64, args.cuda_graphs)
     results: dict[str, Any] = {"sampling": {}, "training": []}
     sections = []
     if "sampling" not in args.skip:
         for schedule in args.schedule:
             setup = sampling_setup(args, model, mdlm_model, schedule)
             rows = bench.benchmark_sampling(
-                setup, warmup=args.warmup, repeats=args.repeats, peak_tflops=args.peak_tflops, wrap=wrap
-            )
+                setup, warmup=args.warmup, repeats=args.repeats, peak_tflops=args.peak_tflops, wrap=wrap,
+                variants=[VARIANTS[name] for name in args.variants],
+            )  # fmt: skip
             results["sampling"][schedule] = {"rows": rows, "ratios": bench.sampling_ratios(rows)}
             sections.append(bench.markdown_summary(run_settings(args, model, schedule), rows, []))
     if "training" not in args.skip:

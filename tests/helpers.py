@@ -24,3 +24,70 @@ def tiny_config(**overrides) -> ElasticMDMConfig:
     )
     params.update(overrides)
     return ElasticMDMConfig(**params)
+
+
+class HostSyncRecorder:
+    """Records the ops that read a device tensor back to the host (a stream sync on CUDA), seen on CPU through a
+    `TorchDispatchMode`: `nonzero`, `.item()` / `int(t)` / `bool(t)`, boolean indexing, `masked_select`,
+    `repeat_interleave` without `output_size`, `multinomial` (its validity check reads back). The sampler's own
+    reads go through `generation_elastic_mdm.host_read`, counted apart in `reads`. With `loop_only`, only what
+    runs inside the samplers' step loops (`step_range`) is recorded."""
+
+    def __init__(self, monkeypatch, loop_only: bool = False) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        import elastic_mdm.generation_elastic_mdm as generation
+
+        recorder = self
+        self.syncs: list[str] = []
+        self.reads = 0
+        self._in_read = False
+        plain_read = generation.host_read
+
+        def counted_read(*values):
+            recorder.reads += 1
+            recorder._in_read = True
+            try:
+                return plain_read(*values)
+            finally:
+                recorder._in_read = False
+
+        monkeypatch.setattr(generation, "host_read", counted_read)
+        self.recording = not loop_only
+        plain_range = generation.step_range
+
+        def recorded_range(*args):
+            recorder.recording = True
+            yield from plain_range(*args)
+            recorder.recording = not loop_only
+
+        monkeypatch.setattr(generation, "step_range", recorded_range)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if recorder.recording and not recorder._in_read and recorder.reads_back(func, args, kwargs):
+                    recorder.syncs.append(str(func))
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+    @staticmethod
+    def reads_back(func, args, kwargs) -> bool:
+        import torch
+
+        name = func.overloadpacket.__name__
+        if name in ("nonzero", "_local_scalar_dense", "item", "masked_select", "multinomial"):
+            return True
+        if name == "repeat_interleave":
+            return kwargs.get("output_size") is None
+        if name in ("index", "index_put", "index_put_"):
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
+        return False
+
+    def __enter__(self) -> HostSyncRecorder:
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)

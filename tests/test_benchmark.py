@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from elastic_mdm import benchmark as bench
-from elastic_mdm.packing import PackedSequences
 from elastic_mdm.schedules import get_schedule
 
 LENGTH, VOCAB = 48, 128
@@ -92,19 +91,6 @@ def test_sampling_benchmark_rows(model) -> None:
     ratios = bench.sampling_ratios(rows)
     assert ratios["tokens Elastic / MDLM (no cache)"] < 1.0
     assert set(ratios) == {f"{kind} Elastic / {name}" for kind in ("time", "tokens") for name in list(by_name)[1:]}
-
-
-def test_bucketed_denoiser_gives_the_same_features(model) -> None:
-    lengths = torch.tensor([5, 17, 2])
-    packed = PackedSequences.from_lengths(lengths)
-    ids = torch.randint(0, VOCAB - 2, (int(lengths.sum()),), generator=torch.Generator().manual_seed(0))
-    level = torch.ones(3)
-    padded_ids, padded, padded_level = bench.pad_to_bucket(ids, packed, level, 16, pad_token_id=VOCAB - 2)
-    assert padded_ids.numel() == 32 and padded.max_seqlen == 32 and padded.batch_size == 4
-    with torch.no_grad():
-        plain = model.diffusion_features(ids, packed, level)
-        bucketed = bench.BucketedDenoiser(model, 16, VOCAB - 2).diffusion_features(ids, packed, level)
-    torch.testing.assert_close(bucketed, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_training_benchmark(model) -> None:

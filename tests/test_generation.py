@@ -13,7 +13,7 @@ from itertools import pairwise
 
 import pytest
 import torch
-from helpers import BOS, EOS, MASK, MAX_POS, PAD, VOCAB, tiny_config
+from helpers import BOS, EOS, MASK, MAX_POS, PAD, VOCAB, HostSyncRecorder, tiny_config
 from transformers.generation.logits_process import LogitsProcessorList
 
 from elastic_mdm import ElasticMDMForDiffusionLM
@@ -54,6 +54,7 @@ class Oracle:
         self.num_gap_classes = (max_gap if max_gap is not None else max(len(x0) for x0 in x0s)) + 1
         self.generator = generator
         self.noise_levels: list[list[float]] = []
+        self.max_seqlens: list[tuple[int, int]] = []  # (given, true) per pass
         self.passes = 0
 
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
@@ -64,8 +65,11 @@ class Oracle:
         tokens, bounds = input_ids.tolist(), packed.cu_seqlens.tolist()
         assert bounds[-1] == len(tokens)
         hidden = torch.empty(len(tokens), 2)
+        self.max_seqlens.append((packed.max_seqlen, max(b - a for a, b in pairwise(bounds))))
         for start, end in pairwise(bounds):
             seq = tokens[start:end]
+            if not seq:
+                continue  # a sequence the step cache reuses enters the pass with length 0
             which = seq[0] - ORACLE_FIRST_BOS
             x0, position = self.x0s[which], self.position[which]
             assert seq[-1] == ORACLE_EOS
@@ -524,6 +528,34 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
     assert fresh.num_passes <= 17  # the last pass is skipped when nothing is left to fill
     assert cached.tokens_processed < fresh.tokens_processed
     assert cached.num_passes <= fresh.num_passes
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool) -> None:
+    """DESIGN §8: no host-device sync inside the step loop but the one `host_read` after each insertion (plus one
+    before the loop); the model forward, the heads and the draws read nothing back."""
+    model = build_model(seed=2)
+    state = model._initial_state(None, None, None, num_return_sequences=4)
+    with HostSyncRecorder(monkeypatch) as recorder:
+        output = sample_elastic(
+            model, state, mask_token_id=MASK, num_steps=16, schedule=get_schedule("linear"),
+            token_processors=LogitsProcessorList(), max_length=MAX_POS, pad_token_id=PAD, use_cache=use_cache,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    assert recorder.syncs == []
+    assert recorder.reads == 1 + 16  # before the loop, then after the insertion of steps 0..K-1
+    assert 1 <= output.num_passes <= 17
+
+
+def test_host_sync_recorder_sees_reads(monkeypatch) -> None:
+    """The recorder of the test above flags every kind of read-back it claims to (and not the sync-free forms)."""
+    x = torch.arange(6)
+    with HostSyncRecorder(monkeypatch) as recorder:
+        int(x.sum()), bool(x.any()), x[x > 2], x.nonzero(), x.repeat_interleave(x), torch.multinomial(x.float(), 1)
+        torch.nonzero_static(x > 2, size=3), x.repeat_interleave(x, output_size=15), x[torch.tensor([1, 2])]
+    assert [name.split(".")[1] for name in recorder.syncs] == [
+        "_local_scalar_dense", "_local_scalar_dense", "index", "nonzero", "repeat_interleave", "multinomial"
+    ]  # fmt: skip
 
 
 def test_time_conditioned_model_never_caches() -> None:

@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+from helpers import HostSyncRecorder
 from transformers.generation.logits_process import LogitsProcessorList
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
@@ -55,10 +56,12 @@ class CanvasOracle:
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
         assert input_ids.dtype == torch.long and input_ids.dim() == 1
         assert noise_level.shape == (packed.batch_size,)
-        assert bool((packed.lengths == self.table.shape[1]).all()), "MDLM canvases all have length L"
+        encoded = packed.lengths > 0  # a canvas the step cache reuses enters the pass with length 0
+        assert bool((packed.lengths[encoded] == self.table.shape[1]).all()), "MDLM canvases all have length L"
         self.passes += 1
         self.noise_levels.append(noise_level.tolist())
-        which = input_ids[packed.cu_seqlens[:-1].long()] - O_FIRST_BOS  # [B]
+        starts = packed.cu_seqlens[:-1].long().clamp_max(max(input_ids.numel() - 1, 0))  # [B]
+        which = (input_ids[starts] - O_FIRST_BOS) * encoded  # [B] (0 for the empty canvases: never gathered)
         truth = self.table[which][packed.sequence_ids, packed.position_ids]  # [T]
         known = input_ids != O_MASK
         assert torch.equal(input_ids[known], truth[known]), "a clean canvas token differs from x"
@@ -320,6 +323,21 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
     assert torch.equal(cached.sequences, fresh.sequences) and torch.equal(cached.lengths, fresh.lengths)
     assert fresh.num_passes == 64 and fresh.tokens_processed == 64 * cached.sequences.shape[0] * CANVAS
     assert cached.tokens_processed < fresh.tokens_processed / 2
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("template", [False, True], ids=["prompt", "template"])
+def test_step_loop_reads_the_device_once_per_step(monkeypatch, model, use_cache: bool, template: bool) -> None:
+    """DESIGN §8, as for Elastic-MDM: one `host_read` per step (revealed count and pass size) and no other read-back
+    inside the loop; building the canvas and cutting the result read the device outside it."""
+    inputs = dict(template_ids=[[BOS, MASK, ANCHORS[0], MASK, EOS]], mdlm_gap_budget=3) if template else {}
+    with HostSyncRecorder(monkeypatch, loop_only=True) as recorder:
+        out = model.generate(
+            **inputs, num_return_sequences=3, num_steps=12, seed=0, use_cache=use_cache, return_dict_in_generate=True
+        )
+    assert recorder.syncs == []
+    assert recorder.reads == 1 + 12
+    assert out.num_passes == 12 if not use_cache else 1 <= out.num_passes <= 12
 
 
 def test_time_conditioned_model_never_caches() -> None:
