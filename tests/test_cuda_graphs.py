@@ -108,11 +108,15 @@ def test_graphs_need_cuda() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "varlen_attn"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_cuda_graph_replay_matches_eager(dtype) -> None:
-    """On CUDA: replayed passes equal eager ones, the oracle samplers give identical trajectories through graphs,
-    a bucket is captured once and replayed afterwards, and generate(cuda_graphs=True) runs."""
-    model = bench.random_model(bench.oracle_config(64, 2, 2, VOCAB, LENGTH), device="cuda", seed=0)
+def test_cuda_graph_replay_matches_eager(dtype, attn: str) -> None:
+    """On CUDA: replayed passes equal eager ones (empty sequences included), the oracle samplers give identical
+    trajectories through graphs, a bucket is captured once and replayed afterwards, and generate(cuda_graphs=True)
+    runs."""
+    config = bench.oracle_config(64, 2, 2, VOCAB, LENGTH)
+    config._attn_implementation = attn
+    model = bench.random_model(config, device="cuda", seed=0)
     graphs = CUDAGraphDenoiser(model, model.config.eos_token_id, granularity=16)
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
     lengths = torch.tensor([5, 17, 0, 2], device="cuda")
