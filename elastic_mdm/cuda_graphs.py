@@ -7,9 +7,10 @@ overhead is gone. `CUDAGraphDenoiser` replays every pass from a CUDA graph, capt
 * bucket: the token count `T` and the longest sequence `n` are rounded up on a geometric grid (`bucket_size`):
   multiples of `max(granularity, 2^⌊log2 x⌋ / 8)`, so padding adds at most 12.5 % (plus `granularity`) and a
   trajectory that grows to 32k tokens visits about 60 token buckets;
-* padding (`pad_to_bucket`): `D = ⌈T_b / n_b⌉` dummy sequences of pad tokens, each at most `n_b` long and some
-  possibly empty, follow the real ones. Attention never crosses sequences, so the real rows are unchanged;
-  the dummy rows are dropped.
+* padding (`pad_to_bucket`): empty sequences bring the batch up to the largest one the denoiser has seen (the
+  first pass of a sampler encodes every sequence; later passes only the changed ones), then `D = ⌈T_b / n_b⌉`
+  dummy sequences of pad tokens, each at most `n_b` long and some possibly empty, fill the rows up to `T_b`.
+  Attention never crosses sequences, so the real rows are unchanged; the dummy rows are dropped.
 
 `StaticShapeDenoiser` does the padding alone (any device: it is how the padding is tested on CPU);
 `CUDAGraphDenoiser` adds the capture and replay. Both wrap any denoiser of the samplers' protocol (the model, or the
@@ -35,17 +36,18 @@ def bucket_size(value: int, granularity: int = 64) -> int:
 
 @dataclass(frozen=True)
 class ShapeBucket:
-    """The static shape of a padded pass: `tokens` rows, `longest` sequence, `batch` real sequences (the batch of
-    the samplers never changes during a run: sequences a pass reuses from the cache enter it with length 0)."""
+    """The static shape of a padded pass: `tokens` rows, `longest` sequence, `batch` sequences before the dummies
+    (the real ones, then empty ones)."""
 
     tokens: int
     longest: int
     batch: int
 
     @classmethod
-    def of(cls, packed: PackedSequences, num_tokens: int, granularity: int) -> ShapeBucket:
+    def of(cls, packed: PackedSequences, num_tokens: int, granularity: int, batch: int = 0) -> ShapeBucket:
+        """The bucket of a pass of `num_tokens` tokens, its batch padded up to `batch`."""
         longest = bucket_size(packed.max_seqlen, granularity)
-        return cls(max(bucket_size(num_tokens, granularity), longest), longest, packed.batch_size)
+        return cls(max(bucket_size(num_tokens, granularity), longest), longest, max(batch, packed.batch_size))
 
     @property
     def dummies(self) -> int:
@@ -56,15 +58,18 @@ class ShapeBucket:
 def pad_to_bucket(
     input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor, bucket: ShapeBucket, pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(ids [T_b], cu_seqlens [B + D + 1], noise_level [B + D])`: the real stream first, then `D` dummy sequences
-    of `pad_token_id` that fill it up to `T_b` rows, none longer than `n_b`. Built from host integers and device
-    tensors only (no read-back)."""
+    """`(ids [T_b], cu_seqlens [B_b + D + 1], noise_level [B_b + D])`: the real stream first, `B_b - B` empty
+    sequences, then `D` dummy sequences of `pad_token_id` that fill it up to `T_b` rows, none longer than `n_b`.
+    Built from host integers and device tensors only (no read-back)."""
     tokens = input_ids.numel()
     extra = bucket.tokens - tokens
     ids = torch.cat([input_ids, input_ids.new_full((extra,), pad_token_id)])  # [T_b]
     ends = torch.arange(1, bucket.dummies + 1, device=input_ids.device, dtype=torch.int32) * bucket.longest
-    cu_seqlens = torch.cat([packed.cu_seqlens, ends.clamp_max(extra) + tokens])  # [B + D + 1]
-    level = torch.cat([noise_level, noise_level.new_ones(bucket.dummies)])  # [B + D]
+    empty = bucket.batch - packed.batch_size
+    cu_seqlens = torch.cat(
+        [packed.cu_seqlens, packed.cu_seqlens.new_full((empty,), tokens), ends.clamp_max(extra) + tokens]
+    )  # [B_b + D + 1]
+    level = torch.cat([noise_level, noise_level.new_ones(empty + bucket.dummies)])  # [B_b + D]
     return ids, cu_seqlens, level
 
 
@@ -74,11 +79,13 @@ class StaticShapeDenoiser:
 
     def __init__(self, inner, pad_token_id: int, granularity: int = 64):
         self.inner, self.pad_token_id, self.granularity = inner, pad_token_id, granularity
+        self.batch = 0  # the largest batch seen: smaller ones are padded up to it with empty sequences
 
     def diffusion_features(
         self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor
     ) -> torch.Tensor:
-        bucket = ShapeBucket.of(packed, input_ids.numel(), self.granularity)
+        self.batch = max(self.batch, packed.batch_size)
+        bucket = ShapeBucket.of(packed, input_ids.numel(), self.granularity, self.batch)
         padded = pad_to_bucket(input_ids, packed, noise_level, bucket, self.pad_token_id)
         return self.run(bucket, *padded, num_tokens=input_ids.numel())
 

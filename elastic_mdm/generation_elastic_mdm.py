@@ -283,8 +283,9 @@ def rows_where(flags: torch.Tensor, count: int) -> torch.Tensor:
 
 @dataclass
 class PassWork:
-    """What the next denoiser pass encodes, known on the host: its token count and longest sequence."""
+    """What the next denoiser pass encodes, known on the host: its sequences, tokens and longest sequence."""
 
+    sequences: int
     tokens: int
     longest: int
 
@@ -292,8 +293,8 @@ class PassWork:
     def of(cls, lengths: torch.Tensor, dirty: torch.Tensor, *more: torch.Tensor) -> tuple[PassWork, list[int]]:
         """The work of the `dirty` sequences of `lengths` `[B]`, read in one go with the scalars `more`."""
         selected = lengths * dirty  # [B] zero for the sequences a pass reuses
-        tokens, longest, *values = host_read(selected.sum(), selected.max(), *more)
-        return cls(tokens, longest), values
+        sequences, tokens, longest, *values = host_read(dirty.sum(), selected.sum(), selected.max(), *more)
+        return cls(sequences, tokens, longest), values
 
 
 def sample_elastic(
@@ -395,15 +396,14 @@ def encode_dirty(
     work: PassWork,
     noise_level: float,
 ) -> torch.Tensor:
-    """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many tokens they hold and the
-    longest) and return `hidden` with their rows replaced. The other sequences enter the pass with length 0, so the
-    batch size, hence the shape of the conditioning, never changes (what static shape buckets need)."""
-    everything = hidden is None or work.tokens == state.tokens.numel()
-    if everything:
+    """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many, their tokens and the longest)
+    and return `hidden` with their rows replaced. Every index is taken at a host-known size: no read-back."""
+    if hidden is None or work.sequences == dirty.numel():
         rows, lengths, tokens = None, state.lengths, state.tokens
     else:
+        lengths = state.lengths[rows_where(dirty, work.sequences)]  # [S]
         rows = rows_where(dirty[state.sequence_ids], work.tokens)  # [work.tokens]
-        lengths, tokens = state.lengths * dirty, state.tokens[rows]
+        tokens = state.tokens[rows]
     packed = PackedSequences.from_cu_seqlens(cu_seqlens_from_lengths(lengths), work.longest, work.tokens)
     level = torch.full((lengths.numel(),), noise_level, device=tokens.device)
     features = denoiser.diffusion_features(tokens, packed, level)

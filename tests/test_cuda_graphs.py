@@ -66,6 +66,31 @@ def test_padding_adds_dummy_sequences_only() -> None:
     assert len(pieces) == bucket.dummies == 8
 
 
+class ShapeSpy:
+    """A denoiser that records the padded passes it gets."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, list[int], list[float]]] = []
+
+    def diffusion_features(self, ids: torch.Tensor, packed: PackedSequences, level: torch.Tensor) -> torch.Tensor:
+        self.passes.append((ids.numel(), packed.cu_seqlens.tolist(), level.tolist()))
+        return torch.zeros(ids.numel(), 1)
+
+
+def test_smaller_batches_are_padded_with_empty_sequences() -> None:
+    """Later passes encode fewer sequences (the step cache): they keep the largest batch's shape."""
+    spy = ShapeSpy()
+    static = StaticShapeDenoiser(spy, PAD, granularity=16)
+    for lengths in ([4, 3, 3], [5]):
+        lengths = torch.tensor(lengths)
+        ids = torch.ones(int(lengths.sum()), dtype=torch.long)
+        static.diffusion_features(ids, PackedSequences.from_lengths(lengths), torch.full(lengths.shape, 0.5))
+    assert spy.passes == [
+        (16, [0, 4, 7, 10, 16], [0.5, 0.5, 0.5, 1.0]),
+        (16, [0, 5, 5, 5, 16], [0.5, 1.0, 1.0, 1.0]),  # two empty sequences, then the dummy
+    ]
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_static_shapes_give_the_same_features(model, attn: str) -> None:
     model.config._attn_implementation = attn

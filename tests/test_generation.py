@@ -69,7 +69,7 @@ class Oracle:
         for start, end in pairwise(bounds):
             seq = tokens[start:end]
             if not seq:
-                continue  # a sequence the step cache reuses enters the pass with length 0
+                continue  # an empty sequence (denoisers may get some, e.g. from static-shape padding)
             which = seq[0] - ORACLE_FIRST_BOS
             x0, position = self.x0s[which], self.position[which]
             assert seq[-1] == ORACLE_EOS

@@ -56,7 +56,7 @@ class CanvasOracle:
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
         assert input_ids.dtype == torch.long and input_ids.dim() == 1
         assert noise_level.shape == (packed.batch_size,)
-        encoded = packed.lengths > 0  # a canvas the step cache reuses enters the pass with length 0
+        encoded = packed.lengths > 0  # denoisers may get empty sequences (e.g. from static-shape padding)
         assert bool((packed.lengths[encoded] == self.table.shape[1]).all()), "MDLM canvases all have length L"
         self.passes += 1
         self.noise_levels.append(noise_level.tolist())
