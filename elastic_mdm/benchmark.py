@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from transformers.generation.logits_process import LogitsProcessorList
 
 from .configuration_elastic_mdm import ElasticMDMConfig
@@ -170,6 +171,23 @@ class PassLog:
     lengths: list[list[int]] = field(default_factory=list)
     token_rows: int = 0
     gap_rows: int = 0
+    ops_outside_passes: int = 0
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the tensor ops dispatched while active, views left out. On a GPU each is a kernel launch (a few µs of
+    host time), so the ops of a sampling step outside its denoiser pass are the launch overhead that a CUDA graph of
+    the pass leaves (heads, draws, insertion, bookkeeping)."""
+
+    NO_KERNEL = frozenset({"lift_fresh", "detach", "alias"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += not (func.is_view or func.overloadpacket.__name__ in self.NO_KERNEL)
+        return func(*args, **(kwargs or {}))
 
 
 class CountingDenoiser:
@@ -184,8 +202,9 @@ class CountingDenoiser:
         return self
 
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
-        self.log.lengths.append([n for n in packed.lengths.tolist() if n > 0])  # cached sequences enter empty
-        return self.inner.diffusion_features(input_ids, packed, noise_level)
+        self.log.lengths.append(packed.lengths.tolist())
+        with _disable_current_modes():  # the pass itself is not counted by an `OpCounter`
+            return self.inner.diffusion_features(input_ids, packed, noise_level)
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.log.token_rows += hidden.shape[0]
@@ -454,7 +473,8 @@ def benchmark_sampling(
     wrap: Callable[[Any], Any] = lambda d: d,
 ) -> list[dict[str, Any]]:
     """One row per variant: median seconds per batch, ms per sequence, sequences/s, generated tokens/s, passes,
-    tokens encoded per sequence, mean active length per pass, GFLOP per sequence, TFLOP/s and MFU."""
+    tokens encoded per sequence, mean active length per pass, GFLOP per sequence, tensor ops per step outside the
+    denoiser passes (`OpCounter`), TFLOP/s and MFU."""
     flops = FlopModel.of(setup.model)
     batch = setup.elastic_state.lengths.numel()
     rows = []
@@ -476,6 +496,7 @@ def benchmark_sampling(
                 "tokens_encoded_per_sequence": counted.tokens_processed / batch,
                 "mean_active_length": counted.tokens_processed / max(sum(len(p) for p in log.lengths), 1),
                 "gflop_per_sequence": work / batch / 1e9,
+                "ops_per_step": log.ops_outside_passes / setup.num_steps,
                 **efficiency(work, seconds, peak_tflops),
             }
         )
@@ -485,9 +506,12 @@ def benchmark_sampling(
 def counted_run(
     setup: SamplingSetup, variant: Variant, wrap: Callable[[Any], Any] = lambda d: d
 ) -> tuple[ElasticMDMGenerateOutput, PassLog]:
-    """One run of `variant` through a `CountingDenoiser`: its output and its pass log."""
+    """One run of `variant` through a `CountingDenoiser`, its ops outside the passes counted: its output and its
+    pass log."""
     counter = CountingDenoiser()
-    output = setup.run(variant, lambda denoiser: counter.around(wrap(denoiser)))
+    with OpCounter() as ops:
+        output = setup.run(variant, lambda denoiser: counter.around(wrap(denoiser)))
+    counter.log.ops_outside_passes = ops.ops
     return output, counter.log
 
 

@@ -93,6 +93,17 @@ def test_sampling_benchmark_rows(model) -> None:
     assert set(ratios) == {f"{kind} Elastic / {name}" for kind in ("time", "tokens") for name in list(by_name)[1:]}
 
 
+def test_ops_outside_the_passes_do_not_depend_on_the_backbone() -> None:
+    """`ops_per_step` counts the step's own launches (heads, draws, bookkeeping), never the backbone's: the same
+    trajectories on a 1-layer and a 3-layer backbone give the same counts, and they are positive."""
+    counts = []
+    for layers in (1, 3):
+        deeper = bench.random_model(bench.oracle_config(32, layers, 2, VOCAB, LENGTH), seed=0)
+        setup = oracle(deeper, [0, 3, 20, LENGTH - 2], num_steps=8)
+        counts.append([bench.counted_run(setup, variant)[1].ops_outside_passes for variant in bench.VARIANTS])
+    assert counts[0] == counts[1] and min(counts[0]) > 0
+
+
 def test_training_benchmark(model) -> None:
     rows = bench.benchmark_training(
         model, bench.length_sampler("uniform:4:40", LENGTH), batch_size=4, length=LENGTH, warmup=1, repeats=2
