@@ -7,7 +7,8 @@
 #   check  the CUDA tests (backend equality, CUDA graph replay) and a tiny graphed benchmark     (~1 min)
 #   b1     batch 1, L = K = 1024, linear + exponential: eager, then CUDA graphs                   (~6 min)
 #   b32    batch 32, L = K = 1024, linear + exponential, CUDA graphs, Elastic vs cached MDLM      (~6 min)
-#   train  training step time, tokens/s and MFU, both objectives, batch 32 and 8, L = 1024        (~1 min)
+#   train  training step time, tokens/s and MFU, both objectives, batch 32 and 8, L = 1024,
+#          eager then torch.compile (dynamic shapes: the Elastic active length changes every step)   (~5 min)
 #
 # Model: the 12 x 768 DiT with the GPT-2 vocabulary (MDLM-OWT size), random weights, oracle trajectories
 # (benchmark.OracleDenoiser), bf16 autocast, torch varlen attention. It needs torch >= 2.10 and transformers;
@@ -48,6 +49,7 @@ case $part in
   train)
     bench --batch_size 32 --skip sampling --output "$out/h100_train_b32.md"
     bench --batch_size 8 --skip sampling --output "$out/h100_train_b8.md"
+    bench --batch_size 32 --skip sampling --compile --output "$out/h100_train_b32_compile.md"
     ;;
   *)
     echo "unknown part '$part': check | b1 | b32 | train" >&2
