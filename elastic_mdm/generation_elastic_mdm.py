@@ -174,12 +174,16 @@ def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator
 
 
 def insert_masks(
-    state: ActiveState, counts: torch.Tensor, mask_token_id: int, total: int | None = None
+    state: ActiveState,
+    counts: torch.Tensor,
+    mask_token_id: int,
+    total: int | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[ActiveState, torch.Tensor]:
     """Insert `counts[i]` masks after token `i`; returns the new state and the new row of every old token.
 
     New masks inherit the open flag of their gap (they sit inside an open gap). `total`, the new token count, is
-    read from the device when not given.
+    read from the device when not given; `lengths`, the new lengths `[B]`, computed when not given.
     """
     repeats = counts + 1  # [T]
     new_rows = repeats.cumsum(0) - repeats  # [T] where old token i lands
@@ -187,7 +191,8 @@ def insert_masks(
         total = state.tokens.numel() + int(counts.sum())
     tokens = torch.full((total,), mask_token_id, dtype=state.tokens.dtype, device=state.tokens.device)
     tokens[new_rows] = state.tokens
-    lengths = state.lengths + torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids, counts)
+    if lengths is None:
+        lengths = state.lengths + torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids, counts)
     new_state = ActiveState(
         tokens=tokens,
         sequence_ids=state.sequence_ids.repeat_interleave(repeats, output_size=total),
@@ -297,6 +302,27 @@ class PassWork:
         return cls(sequences, tokens, longest), values
 
 
+@dataclass
+class Growth:
+    """An insertion step planned from its counts, before the tokens move: the new `lengths` `[B]`, the `dirty`
+    flags `[B]` of the next pass and its `work`, and on the host the number of masks `inserted` and the `longest`
+    sequence after the insertion."""
+
+    lengths: torch.Tensor
+    dirty: torch.Tensor
+    work: PassWork
+    inserted: int
+    longest: int
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, owners: torch.Tensor, counts: torch.Tensor, dirty: torch.Tensor) -> Growth:
+        """`counts[i]` masks into the gap `i` of sequence `owners[i]`; one read."""
+        added = torch.zeros_like(lengths).index_add_(0, owners, counts)  # [B]
+        grown, dirty = lengths + added, dirty | (added > 0)
+        work, (inserted, longest) = PassWork.of(grown, dirty, counts.sum(), grown.max())
+        return cls(grown, dirty, work, inserted, longest)
+
+
 def sample_elastic(
     denoiser: Denoiser,
     state: ActiveState,
@@ -371,15 +397,18 @@ def sample_elastic(
             denoiser.gap_logits(hidden, open_rows).float() / gap_temperature, gap_do_sample, generator
         )
         counts = sample_binomial(gaps, q, generator)  # [open]
-        counts, clipped = cap_insertions(counts, state.sequence_ids[open_rows], state.lengths, max_length)
-        hit_max_length |= clipped
-        added = torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids[open_rows], counts)  # [B]
-        dirty = dirty | (added > 0)
-        work, (inserted,) = PassWork.of(state.lengths + added, dirty, counts.sum())  # the step's one read
+        owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap
+        growth = Growth.of(state.lengths, owners, counts, dirty)  # the step's one read
+        if growth.longest > max_length:  # rare: a sequence would outgrow the cap (one more read this step)
+            counts, clipped = cap_insertions(counts, owners, state.lengths, max_length)
+            hit_max_length |= clipped
+            growth = Growth.of(state.lengths, owners, counts, dirty)
+        dirty, work = growth.dirty, growth.work
         all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
-        state, new_rows = insert_masks(state, all_counts, mask_token_id, total=state.tokens.numel() + inserted)
+        total = state.tokens.numel() + growth.inserted
+        state, new_rows = insert_masks(state, all_counts, mask_token_id, total, growth.lengths)
         hidden = hidden.new_empty(state.tokens.numel(), hidden.shape[-1]).index_copy_(0, new_rows, hidden)
-        num_masks, num_open = inserted, num_open + inserted
+        num_masks, num_open = growth.inserted, num_open + growth.inserted
 
     if output_trajectory:
         trajectory.append(state.split())

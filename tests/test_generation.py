@@ -547,6 +547,16 @@ def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool) 
     assert 1 <= output.num_passes <= 17
 
 
+def test_capped_steps_read_once_more_and_sync_nowhere(monkeypatch, wild_model) -> None:
+    """A step whose draws would take a sequence past `max_length` reads the device a second time (the insertion
+    is capped, then planned again); still no other read-back."""
+    with HostSyncRecorder(monkeypatch, loop_only=True) as recorder:
+        kwargs = dict(num_return_sequences=4, num_steps=16, seed=0, max_length=24, return_dict_in_generate=True)
+        out = wild_model.generate(**kwargs)
+    assert out.hit_max_length.any() and recorder.syncs == []
+    assert 1 + 16 < recorder.reads <= 1 + 2 * 16
+
+
 def test_host_sync_recorder_sees_reads(monkeypatch) -> None:
     """The recorder of the test above flags every kind of read-back it claims to (and not the sync-free forms)."""
     x = torch.arange(6)
