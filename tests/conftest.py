@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny shapes run fastest, and steadiest on a busy CPU, on one torch thread (intra-op threads contending for
+    two busy cores made runs up to 10x slower); the other tests get theirs back. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def isolated_python(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """Run Python code in a fresh interpreter where `elastic_mdm` is NOT importable, offline: what a user who only
     has the checkpoint folder gets with `trust_remote_code=True`.

@@ -16,13 +16,7 @@ from elastic_mdm.schedules import get_schedule
 LENGTH, VOCAB = 48, 128
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny shapes run fastest, and steadiest on a busy CPU, on one thread; the other tests get theirs back."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from elastic_mdm.schedules import get_schedule
 LENGTH, VOCAB = 48, 128
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def perturbed(model: ElasticMDMForDiffusionLM) -> ElasticMDMForDiffusionLM:

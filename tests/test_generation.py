@@ -54,7 +54,6 @@ class Oracle:
         self.num_gap_classes = (max_gap if max_gap is not None else max(len(x0) for x0 in x0s)) + 1
         self.generator = generator
         self.noise_levels: list[list[float]] = []
-        self.max_seqlens: list[tuple[int, int]] = []  # (given, true) per pass
         self.passes = 0
 
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
@@ -65,11 +64,9 @@ class Oracle:
         tokens, bounds = input_ids.tolist(), packed.cu_seqlens.tolist()
         assert bounds[-1] == len(tokens)
         hidden = torch.empty(len(tokens), 2)
-        self.max_seqlens.append((packed.max_seqlen, max(b - a for a, b in pairwise(bounds))))
+        assert packed.max_seqlen == max(b - a for a, b in pairwise(bounds)), "the sampler's host-side longest"
         for start, end in pairwise(bounds):
             seq = tokens[start:end]
-            if not seq:
-                continue  # an empty sequence (denoisers may get some, e.g. from static-shape padding)
             which = seq[0] - ORACLE_FIRST_BOS
             x0, position = self.x0s[which], self.position[which]
             assert seq[-1] == ORACLE_EOS
