@@ -105,17 +105,16 @@ def random_model(
     return ElasticMDMForDiffusionLM(config).to(device).eval()
 
 
-def compile_backbone(
-    model: ElasticMDMForDiffusionLM, mode: str | None = None, max_shapes: int = 256
-) -> ElasticMDMForDiffusionLM:
-    """`torch.compile` the packed backbone forward. Default: dynamic shapes (packed lengths change every step).
-    `mode="reduce-overhead"`: static shapes, one graph per shape (CUDA graphs on CUDA; pair it with
-    `BucketedDenoiser` so that the shapes are few), up to `max_shapes` recompilations before Dynamo falls back to
-    eager. Not validated on a GPU yet."""
-    static = mode == "reduce-overhead"
-    if static:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
-    model.model.forward_packed = torch.compile(model.model.forward_packed, dynamic=not static, mode=mode)
+def compile_backbone(model: ElasticMDMForDiffusionLM, mode: str | None = None) -> ElasticMDMForDiffusionLM:
+    """`torch.compile` the packed backbone forward with dynamic shapes (packed lengths change every step). Static
+    shapes and CUDA graphs come from `--cuda_graphs` (`cuda_graphs.CUDAGraphDenoiser`, which captures the compiled
+    kernels too), so `mode` should be one without graphs (default, `max-autotune-no-cudagraphs`)."""
+    if mode not in (None, "default", "max-autotune-no-cudagraphs"):
+        raise ValueError(
+            f"compile mode {mode!r} captures CUDA graphs of its own; use --cuda_graphs with the default mode or "
+            "'max-autotune-no-cudagraphs' instead."
+        )
+    model.model.forward_packed = torch.compile(model.model.forward_packed, dynamic=True, mode=mode)
     return model
 
 

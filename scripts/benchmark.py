@@ -69,8 +69,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     hw = parser.add_argument_group("hardware")
     hw.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     hw.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="bf16/fp16: autocast over fp32 weights")
-    hw.add_argument("--compile", nargs="?", const="default", help="torch.compile the backbone (mode: default, "
-                    "max-autotune-no-cudagraphs, ...; with --cuda_graphs keep a mode without graphs)")  # fmt: skip
+    hw.add_argument("--compile", nargs="?", const="default", choices=["default", "max-autotune-no-cudagraphs"],
+                    help="torch.compile the backbone (dynamic shapes); graphs come from --cuda_graphs")  # fmt: skip
     hw.add_argument("--bucket", type=int, help="pad each pass to its static shape bucket, on a geometric grid of "
                     "this granularity in tokens (cuda_graphs.bucket_size)")  # fmt: skip
     hw.add_argument("--cuda_graphs", action="store_true", help="replay every pass from a CUDA graph captured per "
