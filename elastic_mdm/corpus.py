@@ -248,13 +248,42 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("bos", "eos", "mask")}
 
 
-def check_vocab(config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+def vocabulary_differences(
+    tokenizer: PreTrainedTokenizerBase, reference: PreTrainedTokenizerBase, limit: int = 5
+) -> tuple[int, list[str]]:
+    """How many tokens of `reference` have another id (or none) in `tokenizer`, and the first `limit` of them.
+
+    Tokens `tokenizer` adds beyond `reference` (e.g. a mask token `ensure_special_tokens` appended) are allowed."""
+    vocab = tokenizer.get_vocab()
+    differing = sorted(
+        (token_id, token) for token, token_id in reference.get_vocab().items() if vocab.get(token) != token_id
+    )
+    examples = [f"{token!r}: id {token_id} in the checkpoint, {vocab.get(token)} here" for token_id, token in differing]
+    return len(differing), examples[:limit]
+
+
+def check_vocab(
+    config: PreTrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint_tokenizer: PreTrainedTokenizerBase | None = None,
+) -> None:
     """Raise a ValueError listing every way `config` and `tokenizer` disagree, with the fix for each.
 
-    Checked: `len(tokenizer) <= config.vocab_size` (a larger tokenizer emits ids without an embedding) and that the
-    config's BOS, EOS and mask ids equal the tokenizer's (the collator and the sampler use the config's).
+    Checked: `len(tokenizer) <= config.vocab_size` (a larger tokenizer emits ids without an embedding), that the
+    config's BOS, EOS and mask ids equal the tokenizer's (the collator and the sampler use the config's), and, given
+    the tokenizer saved with the checkpoint (`checkpoint_tokenizer`), that every one of its tokens keeps its id: the
+    same vocabulary, not only the same size.
     """
     problems = []
+    if checkpoint_tokenizer is not None:
+        count, examples = vocabulary_differences(tokenizer, checkpoint_tokenizer)
+        if count:
+            problems.append(
+                f"the tokenizer is not the checkpoint's: {count} of the checkpoint tokenizer's "
+                f"{len(checkpoint_tokenizer)} tokens have another id ({'; '.join(examples)}), so the embeddings "
+                "would be read with the wrong tokens: use the checkpoint's own tokenizer (leave --tokenizer_name "
+                "unset, or point it at the checkpoint folder)"
+            )
     if len(tokenizer) > config.vocab_size:
         problems.append(
             f"the tokenizer has {len(tokenizer)} tokens but config.vocab_size is {config.vocab_size}, so ids >= "

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .checkpoints import load_checkpoint, local_or_hub
 from .data import IGNORE_INDEX, ElasticMDMCollator
 from .packing import PackedSequences
 from .schedules import NoiseLevelSampler, get_schedule
@@ -186,21 +187,6 @@ def sample_entropy(sequences: Sequence[Sequence[int]], exclude_ids: Iterable[int
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def local_or_hub(name: str) -> str:
-    """An absolute path when `name` is an existing folder, else `name` itself (a Hub id)."""
-    return str(Path(name).resolve()) if Path(name).exists() else name
-
-
-def load_checkpoint(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs):
-    """An Elastic-MDM (or MDLM-objective) checkpoint from a folder or a Hub id, with its remote code, in eval mode on
-    `device` (as scripts/generate.py loads it); `kwargs` go to `from_pretrained` (e.g. `attn_implementation`)."""
-    from transformers import AutoModel
-
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    return AutoModel.from_pretrained(local_or_hub(name), trust_remote_code=True, **kwargs).to(device).eval()
-
-
 def load_causal_lm(name_or_path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)` of a causal LM (`AutoModelForCausalLM`) from a local folder or a Hub id, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -299,8 +285,8 @@ def nelbo_report(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """The held-out NELBO of the K-step process (K = `num_steps`, `schedule`) as bits per token and perplexity bound,
-    with the objective's evaluation collator and seeded noise: `trainer.nelbo_metrics` (DESIGN §2:
-    `NELBO ≈ (K + 1) · [Σ_masks CE + Σ_gaps CE]` at one `k ~ U{0..K}` per sequence; MDLM's bound for `mdlm`)."""
+    with the objective's evaluation collator and seeded noise: `trainer.nelbo_metrics` (the bound of `nelbo.py`,
+    `(K + 1) · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{0..K}` per sequence; MDLM's bound for `mdlm`)."""
     from .trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
 
     args = ElasticMDMTrainingArguments(
@@ -381,11 +367,12 @@ def gap_predictions(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     hidden = model.diffusion_features(batch["input_ids"], packed, batch["noise_level"])
     true = batch["gap_labels"]
     rows = ((true != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)
-    log_probs = model.gap_logits(hidden, rows).float().log_softmax(-1)  # [pairs, max_gap + 1]
+    levels = batch["noise_level"][packed.sequence_ids[rows]]  # [pairs] s'
+    log_probs = model.gap_logits(hidden, rows, levels).float().log_softmax(-1)  # [pairs, max_gap + 1]
     classes = torch.arange(log_probs.shape[-1], device=log_probs.device, dtype=log_probs.dtype)
     expected = (log_probs.exp() * classes).sum(-1)
     nll = -log_probs.gather(-1, true[rows, None]).squeeze(-1)
-    return expected, true[rows], nll, batch["noise_level"][packed.sequence_ids[rows]]
+    return expected, true[rows], nll, levels
 
 
 def gap_calibration(model, batches: Iterable[dict], num_bins: int = 10) -> list[dict[str, float]]:

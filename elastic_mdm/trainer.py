@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 
 from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator, PackingCollator
+from .nelbo import ElasticNELBOCollator, elastic_nelbo_terms
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "elastic_mdm.md"
@@ -38,10 +39,24 @@ class ElasticMDMTrainingArguments(TrainingArguments):
     clipped_share: float = field(default=0.0, metadata={"help": "Share of examples with s' = 1 - U[β, ω]."})
     mask_rate_min: float = field(default=0.0, metadata={"help": "β of the clipped mask rate U[β, ω]."})
     mask_rate_max: float = field(default=1.0, metadata={"help": "ω of the clipped mask rate U[β, ω]."})
+    token_mask_share: str = field(
+        default="schedule",
+        metadata={
+            "help": "Masks among the active positions: 'schedule' (s = F(k-1), ~n/K token targets per example) or "
+            "'uniform' (mask share (s' - s)/s' ~ U(0, 1], ~n s'/2 token targets)."
+        },
+    )
     gap_loss_weight: float | None = field(default=None, metadata={"help": "λ_gap; default: the model config's."})
     eval_num_steps: int = field(default=128, metadata={"help": "K of the NELBO reported at evaluation."})
     eval_schedule: str = field(default="linear", metadata={"help": "Schedule of the NELBO reported at evaluation."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collators need every column."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Train into an output_dir that already holds a model or checkpoint-* folders, replacing them "
+            "(refused otherwise, unless the run resumes from a checkpoint inside it)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +80,7 @@ class ElasticMDMTrainingArguments(TrainingArguments):
             clipped_share=self.clipped_share,
             beta=self.mask_rate_min,
             omega=self.mask_rate_max,
+            mask_share=self.token_mask_share,
         )
 
     def eval_noise_sampler(self) -> NoiseLevelSampler:
@@ -93,17 +109,18 @@ def make_collators(
         pad = dict(pad_token_id=config.pad_token_id)
         return MDLMCollator(**ids, **pad, defer_noise=True), MDLMCollator(**ids, **pad, seed=args.seed + 1)
     train = ElasticMDMCollator(**ids, noise_sampler=args.noise_sampler(), defer_noise=True)
-    return train, ElasticMDMCollator(**ids, noise_sampler=args.eval_noise_sampler(), seed=args.seed + 1)
+    nelbo = ElasticNELBOCollator(**ids, schedule=args.eval_schedule, num_steps=args.eval_num_steps, seed=args.seed + 1)
+    return train, nelbo
 
 
 class ElasticMDMTrainer(Trainer):
     """`Trainer` for Elastic-MDM and its MDLM baseline.
 
     * training: `loss = token_loss + λ_gap · gap_loss` from one forward pass; the two terms are logged apart;
-    * evaluation: the loss terms, and the NELBO of the K-step process (`eval_num_steps`, `eval_schedule`) as bits
-      per token and a perplexity bound: `NELBO(x0) ≈ (K + 1) · [Σ_masks CE + Σ_gaps CE]` at one `k ~ U{0..K}` per
-      sequence (DESIGN §2); for `objective="mdlm"`, MDLM's bound `E_t[(1/t) Σ_masks CE]`. Tokens per sequence:
-      interior tokens + EOS (`n + 1`), the same count for both objectives.
+    * evaluation: the per-sequence step terms, and the NELBO bound of the K-step process (`eval_num_steps`,
+      `eval_schedule`) as bits per token and a perplexity bound: `(K + 1) · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one
+      `k ~ U{0..K}` per sequence, with the exact gap term of `nelbo.py`; for `objective="mdlm"`, MDLM's bound
+      `E_t[(1/t) Σ_masks CE]`. Tokens per sequence: interior tokens + EOS (`n + 1`), the same count for both.
     """
 
     args: ElasticMDMTrainingArguments
@@ -174,17 +191,24 @@ class ElasticMDMTrainer(Trainer):
 
 
 def nelbo_metrics(model, loader, args: ElasticMDMTrainingArguments, accelerator) -> dict[str, float]:
-    """Mean loss terms and NELBO bits/token, perplexity bound over `loader` (see `ElasticMDMTrainer`)."""
+    """Mean per-sequence step terms and the NELBO as bits per token and perplexity bound over `loader`.
+
+    Elastic: `(K + 1) · [token CE at step k + Σ_gaps l_k(g, m)]` at one `k ~ U{0..K}` per sequence (`nelbo.py`);
+    MDLM: its continuous-time bound `E_t[(1/t) Σ_masks CE]`. Both are divided by `n + 1` tokens per sequence."""
     model.eval()
     totals = defaultdict(float)
-    scale = args.eval_num_steps + 1 if args.objective == "elastic" else 1.0
     for batch in loader:
         tokens = batch.pop(TARGET_TOKENS).float()  # [B] n + 1
         with accelerator.autocast():
-            out = model(**batch, loss_reduction="sequence")
-        nelbo = scale * (out.token_loss + out.gap_loss)  # [B] nats per sequence
+            if args.objective == "elastic":
+                token_loss, gap_loss = elastic_nelbo_terms(model, batch)
+                nelbo = batch["nelbo_scale"] * (token_loss + gap_loss)  # [B] nats per sequence
+            else:
+                out = model(**batch, loss_reduction="sequence")
+                token_loss, gap_loss = out.token_loss, out.gap_loss
+                nelbo = token_loss
         stats = torch.stack(
-            [nelbo.sum(), tokens.sum(), out.token_loss.sum(), out.gap_loss.sum(), tokens.new_tensor(len(tokens))]
+            [nelbo.sum(), tokens.sum(), token_loss.sum(), gap_loss.sum(), tokens.new_tensor(len(tokens))]
         )
         stats = accelerator.reduce(stats.float(), reduction="sum")
         for name, value in zip(("nelbo", "tokens", "token_loss", "gap_loss", "sequences"), stats.tolist(), strict=True):
@@ -232,6 +256,7 @@ def build_model_card(
             "bos_token_id",
             "eos_token_id",
             "time_conditioning",
+            "gap_noise_conditioning",
         )
     }
     return ModelCard.from_template(

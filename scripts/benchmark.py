@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from elastic_mdm import benchmark as bench
-from elastic_mdm.evaluation import load_checkpoint
+from elastic_mdm.checkpoints import load_checkpoint
 from elastic_mdm.schedules import get_schedule
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,6 +78,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     hw.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
     hw.add_argument("--peak_tflops", type=float, default=bench.H100_BF16_DENSE_TFLOPS, help="for MFU")
     parser.add_argument("--output", help="write the Markdown here (and the JSON next to it)")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="run the checkpoints' own modeling code (auto_map); only for code you trust")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -90,7 +92,12 @@ def load_models(args: argparse.Namespace):
         )  # fmt: skip
         config._attn_implementation = args.attn_implementation
         return bench.random_model(config, args.device, args.seed), None
-    load = functools.partial(load_checkpoint, device=args.device, attn_implementation=args.attn_implementation)
+    load = functools.partial(
+        load_checkpoint,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        attn_implementation=args.attn_implementation,
+    )
     return load(args.checkpoint), load(args.mdlm_checkpoint) if args.mdlm_checkpoint else None
 
 

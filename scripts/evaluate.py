@@ -5,7 +5,8 @@
     python scripts/evaluate.py --model_name_or_path user/elastic-owt --dataset_name openwebtext --num_steps 1024 \
         --structured_tasks schemas.jsonl --gen_ppl_model Qwen/Qwen3-0.6B-Base --device cuda --dtype bfloat16
 
-Checkpoints are local folders or Hub ids, loaded with their remote code (as scripts/generate.py). The data flags are
+Checkpoints are local folders or Hub ids, loaded with the installed classes (their own code runs only with
+`--trust_remote_code`, as scripts/generate.py; docs/security.md). The data flags are
 those of `elastic_mdm.corpus.DataArguments` (as scripts/train.py); only the held-out split is used. Per checkpoint
 (`--model_name_or_path`, and `--mdlm_checkpoint` side by side), the metrics `--metrics` selects:
 
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from elastic_mdm.checkpoints import saved_tokenizer
 from elastic_mdm.corpus import DataArguments, check_vocab, length_statistics, load_datasets, load_tokenizer
 from elastic_mdm.evaluation import (
     builtin_structured_tasks,
@@ -94,11 +96,23 @@ class EvaluationArguments:
     seed: int = 0
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu")
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the checkpoints' own modeling / tokenizer code (auto_map); only for code you trust."},
+    )
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
             raise ValueError(f"Unknown metrics {unknown}; use some of {METRICS}.")
+        counts = ("num_steps", "eval_batch_size", "calibration_bins", "sample_batch_size", "gen_ppl_batch_size")
+        for name in counts + ("num_per_template", "mdlm_gap_budget"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("num_samples", "max_eval_batches", "max_structured_tasks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"--{name} must be >= 0, got {value} (0 turns it off).")
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """`generate()` keywords of the samplers."""
@@ -149,9 +163,10 @@ def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, sc
 
 def evaluate_checkpoint(name: str, args: EvaluationArguments, data_args: DataArguments, scorer) -> dict[str, Any]:
     """Every selected metric of one checkpoint."""
-    model = load_checkpoint(name, args.device, getattr(torch, args.dtype))
-    tokenizer = load_tokenizer(data_args, local_or_hub(name), trust_remote_code=True)
-    check_vocab(model.config, tokenizer)
+    model = load_checkpoint(name, args.device, getattr(torch, args.dtype), args.trust_remote_code)
+    path = local_or_hub(name)
+    tokenizer = load_tokenizer(data_args, path, trust_remote_code=args.trust_remote_code)
+    check_vocab(model.config, tokenizer, saved_tokenizer(path, args.trust_remote_code))
     config = model.config
     output_dir = Path(args.output_dir) / Path(name).name
     output_dir.mkdir(parents=True, exist_ok=True)

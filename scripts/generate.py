@@ -1,10 +1,12 @@
-"""Sample from any Elastic-MDM (or MDLM-objective) checkpoint: a local folder or a Hub id, loaded with remote code.
+"""Sample from any Elastic-MDM (or MDLM-objective) checkpoint: a local folder or a Hub id.
 
     python scripts/generate.py outputs/tiny-elastic --num_return_sequences 8 --num_steps 64 --schedule exponential
     python scripts/generate.py outputs/tiny-elastic --prompt '{"name":"' --output samples.jsonl
     python scripts/generate.py outputs/tiny-elastic --template '{"name":"<mask>","age":<mask>}'
 
 Every field of `ElasticMDMGenerationConfig` is a flag. Prints the samples, or writes JSONL with `--output`.
+The checkpoint is loaded with the installed classes; its own code runs only with `--trust_remote_code`
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from elastic_mdm.evaluation import load_checkpoint, local_or_hub
+from elastic_mdm.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
+from elastic_mdm.corpus import check_vocab
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +47,28 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--attn_implementation", default=None)
     parser.add_argument("--progress_bar", action="store_true")
     parser.add_argument("--output", help="write JSONL here instead of printing")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run the checkpoint's own modeling / tokenizer code (its auto_map) instead of the installed classes; "
+        "only for checkpoints whose code you trust",
+    )
+    args = parser.parse_args(argv)
+    if args.num_return_sequences < 1:
+        parser.error(f"--num_return_sequences must be >= 1, got {args.num_return_sequences}")
+    return args
+
+
+def check_output_path(output: str | None, model: str) -> None:
+    """Refuse an `--output` that would overwrite a file of the checkpoint folder."""
+    if output is None:
+        return
+    out, folder = Path(output).expanduser().resolve(), Path(model).expanduser().resolve()
+    if folder.is_dir() and folder in out.parents and out.exists():
+        raise ValueError(
+            f"--output {output!r} is a file of the checkpoint folder {model!r}; writing the samples there would "
+            "overwrite it. Choose a path outside the checkpoint (or a new file name)."
+        )
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
@@ -74,9 +98,11 @@ def encode_inputs(args: argparse.Namespace, tokenizer) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    check_output_path(args.output, args.model)
     load = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    model = load_checkpoint(args.model, args.device, getattr(torch, args.dtype), **load)
-    tokenizer = AutoTokenizer.from_pretrained(local_or_hub(args.model))
+    model = load_checkpoint(args.model, args.device, getattr(torch, args.dtype), args.trust_remote_code, **load)
+    tokenizer = load_checkpoint_tokenizer(local_or_hub(args.model), args.trust_remote_code)
+    check_vocab(model.config, tokenizer)
     inputs = encode_inputs(args, tokenizer)
     out = model.generate(
         **inputs,

@@ -4,7 +4,8 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py configs/owt-110m.yaml
 
 A YAML file gives any field of ModelArguments, DataArguments, ElasticMDMTrainingArguments and ReportArguments;
-command-line flags override it.
+command-line flags override it. An --output_dir that holds a model or checkpoint-* folders is refused unless
+--overwrite_output_dir is given or the run resumes from a checkpoint inside it (docs/security.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,16 @@ import yaml
 from transformers import HfArgumentParser, set_seed
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm.checkpoints import (
+    check_finite_weights,
+    check_model_type,
+    check_output_dir,
+    check_resume_checkpoint,
+    check_resume_config,
+    checkpoint_config,
+    local_or_hub,
+    saved_tokenizer,
+)
 from elastic_mdm.corpus import (
     DataArguments,
     check_vocab,
@@ -26,7 +37,7 @@ from elastic_mdm.corpus import (
     load_tokenizer,
     sync_config_with_tokenizer,
 )
-from elastic_mdm.evaluation import local_or_hub, sample_report
+from elastic_mdm.evaluation import sample_report
 from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
 
 
@@ -41,7 +52,10 @@ class ModelArguments:
     num_attention_heads: int = 12
     intermediate_size: int | None = None
     max_position_embeddings: int = 1024
-    time_conditioning: bool = False
+    time_conditioning: bool = field(default=False, metadata={"help": "Noise level s' conditions the backbone (adaLN)."})
+    gap_noise_conditioning: bool = field(
+        default=False, metadata={"help": "Noise level s' conditions the gap head only (step caching stays exact)."}
+    )
     cond_dim: int = 128
     gap_head_type: str = "concat"
     attn_implementation: str = field(
@@ -54,6 +68,16 @@ class ModelArguments:
         default_factory=list, metadata={"help": "Linears that get adapters (default: attention and MLP of the block)."}
     )
     lora_merge: bool = field(default=True, metadata={"help": "Merge the adapters and save a plain checkpoint."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Let the tokenizer run its own code (auto_map); the model always loads the installed class."},
+    )
+
+
+NOT_SHAPE = ("model_name_or_path", "attn_implementation", "trust_remote_code")  # ModelArguments not in the config
+RESUME_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "mask_token_id", "block_type", "hidden_size",
+                 "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                 "time_conditioning", "cond_dim", "gap_head_type", "objective")  # fmt: skip
 
 
 @dataclass
@@ -91,15 +115,20 @@ def yaml_to_flags(values: dict) -> list[str]:
 
 
 def build_model(model_args: ModelArguments, tokenizer) -> ElasticMDMForDiffusionLM:
-    """Load the checkpoint (its vocabulary must fit the tokenizer) or build a new model sized by `model_args`."""
+    """Load the checkpoint with the installed class (its tokenizer must be the one given, its weights finite) or
+    build a new model sized by `model_args`."""
     if model_args.model_name_or_path:
         path = local_or_hub(model_args.model_name_or_path)
-        model = ElasticMDMForDiffusionLM.from_pretrained(path, attn_implementation=model_args.attn_implementation)
+        check_model_type(checkpoint_config(path), model_args.model_name_or_path)
+        model = ElasticMDMForDiffusionLM.from_pretrained(
+            path, attn_implementation=model_args.attn_implementation, use_safetensors=True
+        )
+        check_finite_weights(model, repr(model_args.model_name_or_path))
         if len(tokenizer) > model.config.vocab_size:
             model.resize_token_embeddings(len(tokenizer))
-        check_vocab(model.config, tokenizer)
+        check_vocab(model.config, tokenizer, saved_tokenizer(path, model_args.trust_remote_code))
         return model
-    shape = {k: v for k, v in vars(model_args).items() if k not in ("model_name_or_path", "attn_implementation")}
+    shape = {k: v for k, v in vars(model_args).items() if k not in NOT_SHAPE and not k.startswith("lora_")}
     config = sync_config_with_tokenizer(ElasticMDMConfig(**shape), tokenizer)
     return ElasticMDMForDiffusionLM._from_config(config, attn_implementation=model_args.attn_implementation)
 
@@ -136,19 +165,26 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args, report_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     set_seed(training_args.seed)
 
-    # 2. tokenizer (BOS / EOS / mask added when missing) and model
-    tokenizer = load_tokenizer(data_args)
+    # 2. nothing is overwritten unasked; a resume is exact or refused
+    check_training_paths(model_args, data_args, training_args)
+
+    # 3. tokenizer (the model's own when fine-tuning; BOS / EOS / mask added when missing) and model
+    source = local_or_hub(model_args.model_name_or_path) if model_args.model_name_or_path else None
+    tokenizer = load_tokenizer(data_args, source, trust_remote_code=model_args.trust_remote_code)
     ensure_special_tokens(tokenizer)
     model = build_model(model_args, tokenizer)
+    if training_args.resume_from_checkpoint:
+        expected = {name: getattr(model.config, name, None) for name in RESUME_FIELDS}
+        check_resume_config(training_args.resume_from_checkpoint, {**expected, "objective": training_args.objective})
     if model_args.lora_r:
         model = add_lora(model, model_args, training_args.gradient_checkpointing)
 
-    # 3. data: natural lengths, long documents split into chunks
+    # 4. data: natural lengths, long documents split into chunks
     train_dataset, eval_dataset = load_datasets(
         data_args, tokenizer, model.config.max_position_embeddings, training_args.seed
     )
 
-    # 4. train
+    # 5. train
     trainer = ElasticMDMTrainer(
         model=model,
         args=training_args,
@@ -159,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.dataset_name = data_args.dataset_name or ", ".join(data_args.train_files or [])
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
-    # 5. evaluate, save (weights, remote code, tokenizer, generation config, model card), push
+    # 6. evaluate, save (weights, remote code, tokenizer, generation config, model card), push
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     if model_args.lora_r and model_args.lora_merge:  # a plain Elastic-MDM folder, adapters folded in
         model = trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
@@ -170,10 +206,24 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.push_to_hub:
         trainer.push_to_hub()
 
-    # 6. report: generated vs data lengths (and JSON validity on the built-in task)
+    # 7. report: generated vs data lengths (and JSON validity on the built-in task)
     if report_args.report_num_samples and trainer.is_world_process_zero():
         metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
     return metrics
+
+
+def check_training_paths(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ElasticMDMTrainingArguments
+) -> None:
+    """Refuse an output folder that would overwrite a model or the run's source, and an inexact resume."""
+    check_output_dir(
+        training_args.output_dir,
+        overwrite_output_dir=training_args.overwrite_output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        sources=(model_args.model_name_or_path, data_args.tokenizer_name),
+    )
+    if training_args.resume_from_checkpoint:
+        check_resume_checkpoint(training_args.resume_from_checkpoint)
 
 
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
