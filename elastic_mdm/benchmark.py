@@ -157,8 +157,8 @@ class OracleDenoiser:
         logits = self.model.token_logits(self._backbone(hidden))
         return self._one_hot_logits(logits, hidden[:, -1].long())
 
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-        logits = self.model.gap_logits(self._backbone(hidden), left)
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor:
+        logits = self.model.gap_logits(self._backbone(hidden), left, noise_level)
         gap = (hidden[left + 1, -1] - hidden[left, -1] - 1).long()
         return self._one_hot_logits(logits, gap)
 
@@ -209,9 +209,9 @@ class CountingDenoiser:
         self.log.token_rows += hidden.shape[0]
         return self.inner.token_logits(hidden)
 
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor:
         self.log.gap_rows += left.numel()
-        return self.inner.gap_logits(hidden, left)
+        return self.inner.gap_logits(hidden, left, noise_level)
 
 
 def static_shape_wrapper(pad_token_id: int, granularity: int = 64, cuda_graphs: bool = False) -> Callable[[Any], Any]:

@@ -6,6 +6,7 @@ from transformers import PretrainedConfig
 
 BLOCK_TYPES = ("dit", "llama")
 OBJECTIVES = ("elastic", "mdlm")
+SPECIAL_IDS = ("mask_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
 AUTO_MAP = {
     "AutoConfig": "configuration_elastic_mdm.ElasticMDMConfig",
     "AutoModel": "modeling_elastic_mdm.ElasticMDMForDiffusionLM",
@@ -25,8 +26,10 @@ class ElasticMDMConfig(PretrainedConfig):
         max_position_embeddings: Longest active sequence, anchors included (`N_max + 2`).
         block_type: `"dit"` (MDLM-compatible: weight-only LayerNorm, adaLN, fused QKV, GELU MLP) or
             `"llama"` (LLaDA-compatible: RMSNorm, separate q/k/v/o, SwiGLU, untied head).
-        time_conditioning: Condition the adaLN modulation on the noise level of the input. When off, the
-            conditioning vector is the constant `silu(time_embed(0))`, as in MDLM.
+        time_conditioning: Condition the adaLN modulation of the backbone on the noise level `s'` of the input.
+            When off, the conditioning vector is the constant `silu(time_embed(0))`, as in MDLM.
+        gap_noise_conditioning: Condition the gap head alone on the noise level `s'` (its input is
+            `[h_a; h_b; emb(s')]`). The backbone stays independent of the step, so step caching stays exact.
         adaln: Use adaLN modulation. Always on for `dit`; optional (zero-initialised, so that a retrofitted model
             starts as the original) for `llama`.
         cond_dim: Width of the conditioning vector fed to adaLN.
@@ -61,6 +64,7 @@ class ElasticMDMConfig(PretrainedConfig):
         max_position_embeddings: int = 1024,
         block_type: str = "dit",
         time_conditioning: bool = False,
+        gap_noise_conditioning: bool = False,
         adaln: bool | None = None,
         cond_dim: int = 128,
         rope_theta: float = 10000.0,
@@ -86,10 +90,6 @@ class ElasticMDMConfig(PretrainedConfig):
             )
         if block_type not in BLOCK_TYPES:
             raise ValueError(f"block_type={block_type!r} is unknown; use one of {BLOCK_TYPES}.")
-        if hidden_size % num_attention_heads:
-            raise ValueError(
-                f"hidden_size={hidden_size} must be a multiple of num_attention_heads={num_attention_heads}."
-            )
         if gap_head_type not in ("concat", "sum", "product"):
             raise ValueError(f"gap_head_type={gap_head_type!r} is unknown; use 'concat', 'sum' or 'product'.")
         is_dit = block_type == "dit"
@@ -101,6 +101,7 @@ class ElasticMDMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.block_type = block_type
         self.time_conditioning = time_conditioning
+        self.gap_noise_conditioning = gap_noise_conditioning
         self.adaln = True if is_dit else bool(adaln)
         self.cond_dim = cond_dim
         self.rope_theta = rope_theta
@@ -121,6 +122,41 @@ class ElasticMDMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+        self._check_sizes()
+        self._check_special_ids()
+
+    def _check_sizes(self) -> None:
+        """Refuse sizes that would fail later, deep inside the model or the sampler."""
+        minimum = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1, "max_gap": 0}
+        minimum["max_position_embeddings"] = 3  # BOS, one token, EOS
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}."
+            )
+
+    def _check_special_ids(self) -> None:
+        """Special ids lie in `0..vocab_size - 1`, and the mask differs from BOS and EOS (else sampling would
+        overwrite the anchors)."""
+        for name in SPECIAL_IDS:
+            value = getattr(self, name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"{name}={value!r} is not a token id of the vocabulary (0..{self.vocab_size - 1}); set it from "
+                    "the tokenizer (corpus.sync_config_with_tokenizer) or raise vocab_size."
+                )
+        for anchor in ("bos_token_id", "eos_token_id"):
+            if self.mask_token_id is not None and self.mask_token_id == getattr(self, anchor):
+                raise ValueError(
+                    f"mask_token_id={self.mask_token_id} equals {anchor}: the mask token must be its own token (the "
+                    "sampler replaces every mask, so it would overwrite the anchor). Give the tokenizer a mask token "
+                    "(corpus.ensure_special_tokens) and set mask_token_id to it."
+                )
 
     @property
     def head_dim(self) -> int:

@@ -105,8 +105,8 @@ class StaticShapeDenoiser:
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.inner.token_logits(hidden)
 
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-        return self.inner.gap_logits(hidden, left)
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor:
+        return self.inner.gap_logits(hidden, left, noise_level)
 
 
 @dataclass

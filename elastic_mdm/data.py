@@ -36,12 +36,15 @@ def corrupt_packed(
     active_share: torch.Tensor,  # [B] s' = F(k)
     uniforms: torch.Tensor,  # [N] u_i ~ U(0, 1)
     mask_token_id: int,
+    next_share: torch.Tensor | None = None,  # [B] F(k+1), for the NELBO's gap terms
 ) -> dict[str, torch.Tensor | int]:
     """Apply the forward process to a packed batch of clean sequences and build every training target.
 
     Returns the compact packed input `input_ids` `[T]`, `cu_seqlens` `[B + 1]`, `max_seqlen`, token targets
     `labels` `[T]` (clean token at masks, -100 elsewhere), gap targets `gap_labels` `[T]` (removed count between
     token i and the next active token of its sequence, -100 on the last token) and `noise_level` `[B]` (= s').
+    With `next_share` `[B]` (`s'' = F(k+1)`), also `gap_reveals` `[T]`: how many of each gap's removed positions the
+    forward process reveals at the next step (`s' <= u_i < s''`), the `m` of the NELBO's gap term.
     """
     u = uniforms.masked_fill(anchor_mask, -1.0)  # anchors are always clean
     clean = u < clean_share.to(u.dtype)[sequence_ids]
@@ -54,9 +57,10 @@ def corrupt_packed(
     gaps = removed_before[keep].diff(append=removed_before[keep][-1:])  # removed between kept j and kept j+1
     lengths = torch.zeros_like(active_share, dtype=torch.long).index_add_(0, kept_sequences, torch.ones_like(keep))
     cu_seqlens = cu_seqlens_from_lengths(lengths)
-    gaps[cu_seqlens[1:].long() - 1] = IGNORE_INDEX  # last token of a sequence has no right neighbour
+    last = cu_seqlens[1:].long() - 1
+    gaps[last] = IGNORE_INDEX  # last token of a sequence has no right neighbour
 
-    return {
+    out = {
         "input_ids": tokens.masked_fill(mask, mask_token_id)[keep],
         "labels": tokens.masked_fill(~mask, IGNORE_INDEX)[keep],
         "gap_labels": gaps,
@@ -64,6 +68,11 @@ def corrupt_packed(
         "max_seqlen": int(lengths.max()),
         "noise_level": active_share.float(),
     }
+    if next_share is not None:
+        revealed = (~active & (u < next_share.to(u.dtype)[sequence_ids])).long().cumsum(0)  # [N]
+        reveals = revealed[keep].diff(append=revealed[keep][-1:])  # [T] revealed next step between j and j + 1
+        out["gap_reveals"] = reveals.index_fill(0, last, IGNORE_INDEX)
+    return out
 
 
 def concat_sequences(

@@ -117,7 +117,7 @@ class TokenDenoiser(Protocol):
 class Denoiser(TokenDenoiser, Protocol):
     """What `sample_elastic` needs: a `TokenDenoiser` with the gap head too."""
 
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor: ...
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -394,7 +394,7 @@ def sample_elastic(
 
         open_rows = rows_where(state.open_after, num_open)
         gaps = sample_categorical(
-            denoiser.gap_logits(hidden, open_rows).float() / gap_temperature, gap_do_sample, generator
+            denoiser.gap_logits(hidden, open_rows, reveal[k]).float() / gap_temperature, gap_do_sample, generator
         )
         counts = sample_binomial(gaps, q, generator)  # [open]
         owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap

@@ -302,20 +302,39 @@ class ElasticMDMBlock(GradientCheckpointingLayer):
 
 
 class ElasticMDMGapHead(nn.Module):
-    """Gap-count head `p_φ(g | h_a, h_b)`: MLP on the pair features, `max_gap + 1` logits."""
+    """Gap-count head `p_φ(g | h_a, h_b[, s'])`: MLP on the pair features, `max_gap + 1` logits.
+
+    With `gap_noise_conditioning`, the pair features are concatenated with `silu(emb(1000 · s'))`, the embedding of
+    the input's noise level `s'`: the head knows the step without the backbone depending on it, so a step whose
+    input did not change can reuse the backbone's last pass exactly.
+    """
 
     def __init__(self, config: ElasticMDMConfig):
         super().__init__()
         d = config.hidden_size
         self.pair = config.gap_head_type
-        self.dense = nn.Linear(2 * d if self.pair == "concat" else d, d)
+        conditioned = getattr(config, "gap_noise_conditioning", False)
+        self.time_embed = ElasticMDMTimestepEmbedder(config) if conditioned else None
+        pair_dim = 2 * d if self.pair == "concat" else d
+        self.dense = nn.Linear(pair_dim + (config.cond_dim if conditioned else 0), d)
         self.out_proj = nn.Linear(d, config.num_gap_classes)
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        left: torch.Tensor,  # [rows, d]
+        right: torch.Tensor,  # [rows, d]
+        noise_level: torch.Tensor | float | None = None,  # [rows] or one level for every row
+    ) -> torch.Tensor:
         if self.pair == "concat":
             features = torch.cat([left, right], dim=-1)
         else:
             features = left + right if self.pair == "sum" else left * right
+        if self.time_embed is not None:
+            if noise_level is None:
+                raise ValueError("This gap head is conditioned on the noise level (gap_noise_conditioning): pass it.")
+            level = torch.as_tensor(noise_level, dtype=torch.float32, device=left.device).reshape(-1)
+            cond = F.silu(self.time_embed(TIME_SCALE * level)).to(features.dtype)  # [rows or 1, cond]
+            features = torch.cat([features, cond.expand(features.shape[0], -1)], dim=-1)
         return self.out_proj(F.gelu(self.dense(features), approximate="tanh"))
 
 
@@ -438,17 +457,18 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
                 )
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}; "
+                    "give one mask entry per token (1 = real token, 0 = padding)."
+                )
             flat_index, cu_seqlens, max_seqlen = pack_padded(attention_mask.bool())
             input_ids = input_ids.flatten()[flat_index]
-        elif input_ids.dim() != 1 or cu_seqlens is None:
+        elif input_ids.dim() != 1 or cu_seqlens is None or cu_seqlens.dim() != 1:
             raise ValueError("A packed batch needs input_ids of shape [tokens] and cu_seqlens of shape [batch + 1].")
         if cu_seqlens.numel() < 2 or input_ids.numel() == 0:
             raise ValueError("The batch is empty: input_ids holds no sequence.")
-        ends = cu_seqlens[[0, -1]].tolist()  # one read-back
-        if ends != [0, input_ids.numel()]:
-            raise ValueError(
-                f"cu_seqlens must run from 0 to the number of tokens ({input_ids.numel()}), got {ends[0]}..{ends[1]}."
-            )
+        self._check_packed(input_ids, cu_seqlens, max_seqlen)
         packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=input_ids.numel())
         if packed.max_seqlen > self.config.max_position_embeddings:
             raise ValueError(
@@ -460,6 +480,30 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
                 f"noise_level must have shape [batch]=({packed.batch_size},), got {tuple(noise_level.shape)}."
             )
         return input_ids, packed, flat_index
+
+    def _check_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> None:
+        """`cu_seqlens` runs from 0 to the number of tokens without decreasing, `max_seqlen` is at least the longest
+        sequence, and every id has an embedding row; one read-back for all of it."""
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        values = (cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max(), *input_ids.aminmax())
+        first, last, shortest, longest, low, high = torch.stack([v.long() for v in values]).tolist()
+        if [first, last] != [0, input_ids.numel()]:
+            raise ValueError(
+                f"cu_seqlens must run from 0 to the number of tokens ({input_ids.numel()}), got {first}..{last}."
+            )
+        if shortest < 0:
+            raise ValueError("cu_seqlens must not decrease: it holds the cumulative sequence lengths [0, l_0, ...].")
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(
+                f"max_seqlen={max_seqlen} is smaller than the longest sequence ({longest} tokens); pass the true "
+                "longest length, or leave max_seqlen unset."
+            )
+        vocab = self.embed_tokens.num_embeddings
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"input_ids holds ids {low}..{high} outside the vocabulary 0..{vocab - 1}; tokenize with the "
+                "model's tokenizer (or resize the embeddings to it)."
+            )
 
 
 @dataclass
@@ -481,6 +525,13 @@ class ElasticMDMOutput(ModelOutput):
 
 
 LOSS_REDUCTIONS = ("mean", "sequence")
+
+
+def row_levels(noise_level: torch.Tensor | None, sequence_ids: torch.Tensor) -> torch.Tensor:
+    """The noise level `s'` of each row `[rows]` from the per-sequence levels `[batch]` (1 when not given)."""
+    if noise_level is None:
+        return torch.ones(sequence_ids.shape, device=sequence_ids.device)
+    return noise_level.to(sequence_ids.device)[sequence_ids]
 
 
 def reduce_cross_entropy(
@@ -537,9 +588,12 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
             logits[..., self.config.mask_token_id] = float("-inf")
         return logits
 
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
-        """Gap logits `[rows, max_gap + 1]` for the pairs `(left, left + 1)` of the packed stream."""
-        return self.gap_head(hidden[left], hidden[left + 1])
+    def gap_logits(
+        self, hidden: torch.Tensor, left: torch.Tensor, noise_level: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """Gap logits `[rows, max_gap + 1]` for the pairs `(left, left + 1)` of the packed stream; `noise_level` is
+        the input's `s'` (`[rows]`, or one float for every row), read only by a noise-conditioned gap head."""
+        return self.gap_head(hidden[left], hidden[left + 1], noise_level)
 
     def forward(
         self,
@@ -585,7 +639,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         token_loss = gap_loss = loss = None
         if has_targets:
             token_loss, gap_loss = self.diffusion_losses(
-                hidden, packed, flat(labels), flat(gap_labels), flat(label_weights), loss_reduction
+                hidden, packed, flat(labels), flat(gap_labels), flat(label_weights), loss_reduction, noise_level
             )
             loss = token_loss + self.config.gap_loss_weight * gap_loss
 
@@ -593,7 +647,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         if return_logits:
             logits = self.token_logits(hidden)
             # pair (i, i + 1) for every token; the wrap-around row of each sequence's last token is meaningless
-            gap = self.gap_head(hidden, hidden.roll(-1, dims=0))
+            gap = self.gap_head(hidden, hidden.roll(-1, dims=0), row_levels(noise_level, packed.sequence_ids))
         if flat_index is not None:
             shape = input_ids.shape
             logits, gap = unpack_to_padded(logits, flat_index, shape), unpack_to_padded(gap, flat_index, shape)
@@ -615,6 +669,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         gap_labels: torch.Tensor | None,  # [tokens]
         label_weights: torch.Tensor | None = None,  # [tokens]
         reduction: str = "mean",
+        noise_level: torch.Tensor | None = None,  # [batch] s'
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token CE over masks and gap CE over supervised pairs; the heads run on those rows only."""
         batch = packed.batch_size
@@ -630,7 +685,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
             )
         if gap_labels is not None:
             rows = ((gap_labels != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)
-            logits = self.gap_logits(hidden, rows)
+            logits = self.gap_logits(hidden, rows, row_levels(noise_level, packed.sequence_ids[rows]))
             gap_loss = reduce_cross_entropy(logits, gap_labels[rows], packed.sequence_ids[rows], batch, reduction)
         return token_loss, gap_loss
 

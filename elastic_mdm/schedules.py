@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 SCHEDULES = ("linear", "cosine", "exponential", "p-linear", "clipped")
+MASK_SHARES = ("schedule", "uniform")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,11 @@ class NoiseLevelSampler:
     step of a linear schedule of horizon `K`; otherwise a family from `families`, a horizon
     `K ~ U{min_steps..max_steps}`
     and a step `k ~ U{1..K}` give `(F(k-1), F(k))`.
+
+    `mask_share` sets how many of the active interior positions are masks (carry token targets):
+    `"schedule"`: `s = F(k-1)`, the previous step of the schedule (about `n / K` masks per example);
+    `"uniform"`: `s = s' · (1 - r)`, `r ~ U(0, 1]`, so the mask share `(s' - s) / s' = r` is uniform (about
+    `n s' / 2` masks). The gap targets depend on `s'` alone, so only the token supervision changes.
     """
 
     families: tuple[RevealSchedule, ...] = field(
@@ -103,8 +109,11 @@ class NoiseLevelSampler:
     clipped_share: float = 0.0
     beta: float = 0.0
     omega: float = 1.0
+    mask_share: str = "schedule"
 
     def __post_init__(self) -> None:
+        if self.mask_share not in MASK_SHARES:
+            raise ValueError(f"mask_share={self.mask_share!r} is unknown; use one of {MASK_SHARES}.")
         self.families = tuple(get_schedule(f) for f in self.families)
         if not self.families:
             raise ValueError("NoiseLevelSampler needs at least one schedule family.")
@@ -133,8 +142,10 @@ class NoiseLevelSampler:
         s = torch.where(clipped, (clipped_next - 1.0 / horizon).clamp_min(0.0), s)
         s_next = torch.where(clipped, clipped_next, s_next)
 
+        if self.mask_share == "uniform":
+            s = s_next * rand()  # 1 - r with r ~ U(0, 1]: the mask share r of the active positions is uniform
         length = rand() < self.length_share
         return s.masked_fill(length, 0.0), s_next.masked_fill(length, 0.0)
 
 
-__all__ = ["SCHEDULES", "RevealSchedule", "get_schedule", "reveal_probability", "NoiseLevelSampler"]
+__all__ = ["SCHEDULES", "MASK_SHARES", "RevealSchedule", "get_schedule", "reveal_probability", "NoiseLevelSampler"]

@@ -155,7 +155,7 @@ class HalfHalfGapHead:
     def diffusion_features(self, input_ids, packed, noise_level) -> torch.Tensor:
         return torch.zeros(input_ids.numel(), 1)
 
-    def gap_logits(self, hidden, left) -> torch.Tensor:
+    def gap_logits(self, hidden, left, noise_level=None) -> torch.Tensor:
         logits = torch.full((left.numel(), 4), float("-inf"))
         logits[:, :2] = 0.0
         return logits

@@ -89,7 +89,7 @@ class Oracle:
         logits[torch.arange(hidden.shape[0]), hidden[:, 0].long()] = 0.0
         return logits
 
-    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor:
         gap = (hidden[left + 1, 1] - hidden[left, 1] - 1).long()
         assert (gap >= 0).all()
         logits = torch.full((left.numel(), self.num_gap_classes), float("-inf"))
