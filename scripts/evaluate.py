@@ -42,6 +42,8 @@ from transformers import HfArgumentParser
 from elastic_mdm.checkpoints import saved_tokenizer
 from elastic_mdm.corpus import DataArguments, check_vocab, length_statistics, load_datasets, load_tokenizer
 from elastic_mdm.evaluation import (
+    SWEEP_SCHEDULES,
+    SWEEP_STEPS,
     builtin_structured_tasks,
     calibration_collator,
     draw_samples,
@@ -50,10 +52,12 @@ from elastic_mdm.evaluation import (
     heldout_batches,
     length_histogram_table,
     length_report,
+    length_sweep,
     load_causal_lm,
     load_checkpoint,
     load_structured_tasks,
     local_or_hub,
+    markdown_table,
     nelbo_report,
     sample_entropy,
     save_length_histogram,
@@ -62,7 +66,7 @@ from elastic_mdm.evaluation import (
     write_samples,
 )
 
-METRICS = ("nelbo", "calibration", "samples", "structured")
+METRICS = ("nelbo", "calibration", "samples", "sweep", "structured")
 BUILTIN = "builtin"
 
 
@@ -76,6 +80,12 @@ class EvaluationArguments:
     metrics: list[str] = field(default_factory=lambda: list(METRICS), metadata={"help": f"Some of {METRICS}."})
     num_steps: int = field(default=128, metadata={"help": "K of the NELBO, the calibration and the samplers."})
     schedule: str = field(default="linear", metadata={"help": "Reveal schedule of the NELBO and the samplers."})
+    sweep_steps: list[int] = field(
+        default_factory=lambda: list(SWEEP_STEPS), metadata={"help": "Horizons K of the length sweep."}
+    )
+    sweep_schedules: list[str] = field(
+        default_factory=lambda: list(SWEEP_SCHEDULES), metadata={"help": "Schedules of the length sweep."}
+    )
     generate_kwargs: str = field(default="{}", metadata={"help": "More generate() options, JSON: '{\"top_p\": 0.9}'"})
     eval_batch_size: int = 32
     max_eval_batches: int | None = field(default=None, metadata={"help": "Held-out batches for NELBO/calibration."})
@@ -161,6 +171,27 @@ def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, sc
     return out
 
 
+def sweep_metrics(model, tokenizer, dataset, args: EvaluationArguments, data_args: DataArguments) -> list[dict]:
+    """Length fidelity at every K of `--sweep_steps` and schedule of `--sweep_schedules`, printed as a table, with
+    the data-vs-data floor: a fresh draw of the synthetic task, else a bootstrap resample of the held-out lengths."""
+    data_lengths = length_statistics(dataset)
+    if data_args.is_synthetic:
+        fresh = heldout_dataset(data_args, tokenizer, model.config.max_position_embeddings, args.data_seed + 1000)
+        reference, label = length_statistics(fresh), "fresh draw"
+    else:
+        pick = torch.randint(len(data_lengths), (len(data_lengths),), generator=torch.Generator().manual_seed(0))
+        reference, label = data_lengths[pick], "bootstrap"
+    kwargs = {k: v for k, v in args.sampling_kwargs().items() if k not in ("num_steps", "schedule")}
+    rows = length_sweep(
+        model, tokenizer, data_lengths, num_samples=args.num_samples, steps=args.sweep_steps,
+        schedules=args.sweep_schedules, reference_lengths=reference[: args.num_samples],
+        batch_size=args.sample_batch_size, seed=args.seed, **kwargs,
+    )  # fmt: skip
+    rows[0]["schedule"] = f"data ({label})"
+    print(markdown_table(rows))
+    return rows
+
+
 def evaluate_checkpoint(name: str, args: EvaluationArguments, data_args: DataArguments, scorer) -> dict[str, Any]:
     """Every selected metric of one checkpoint."""
     model = load_checkpoint(name, args.device, getattr(torch, args.dtype), args.trust_remote_code)
@@ -192,6 +223,8 @@ def evaluate_checkpoint(name: str, args: EvaluationArguments, data_args: DataArg
     if "samples" in args.metrics and args.num_samples:
         data_lengths = length_statistics(dataset) if dataset is not None else None
         results.update(sample_metrics(model, tokenizer, data_lengths, args, scorer, output_dir))
+    if "sweep" in args.metrics and args.num_samples and dataset is not None:
+        results["length_sweep"] = sweep_metrics(model, tokenizer, dataset, args, data_args)
     tasks = structured_tasks(args, data_args, tokenizer) if "structured" in args.metrics else []
     if tasks:
         generator = torch.Generator(device=model.device).manual_seed(args.seed)

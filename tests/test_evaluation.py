@@ -315,9 +315,16 @@ def test_evaluate_script_end_to_end(tmp_path) -> None:
         "--dataset_name", "synthetic-json", "--num_synthetic_eval_records", "32", "--data_seed", "0",
         "--num_steps", "4", "--num_samples", "8", "--gen_ppl_model", str(scorer), "--num_per_template", "1",
         "--mdlm_gap_budget", "4", "--eval_batch_size", "16", "--output_dir", str(output), "--device", "cpu",
+        "--sweep_steps", "1", "4",
     ])  # fmt: skip
     elastic, mdlm = report["models"]["elastic: tiny"], report["models"]["mdlm: tiny-mdlm"]
     assert set(elastic) >= {"nelbo", "gap_calibration", "calibration", "samples", "lengths", "structured"}
+    sweep = elastic["length_sweep"]  # the data floor, then K = 1, 4 for linear and exponential
+    assert [(row["schedule"], row["K"]) for row in sweep] == [
+        ("data (fresh draw)", "-"), ("linear", 1), ("linear", 4), ("exponential", 1), ("exponential", 4)
+    ]  # fmt: skip
+    assert all(0.0 <= row["ks"] <= 1.0 and 0.0 <= row["capped"] <= 1.0 for row in sweep)
+    assert len(mdlm["length_sweep"]) == len(sweep)
     assert "gap_calibration" not in mdlm and set(mdlm) >= {"nelbo", "samples", "lengths", "structured"}
     assert elastic["samples"]["gen_ppl"] > 1 and elastic["samples"]["entropy_mean"] >= 0
     assert 0.0 <= elastic["lengths"]["total_variation"] <= 1.0
