@@ -115,6 +115,7 @@ class ElasticMDMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.objective = objective
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        self._check_sizes()
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -122,7 +123,6 @@ class ElasticMDMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self._check_sizes()
         self._check_special_ids()
 
     def _check_sizes(self) -> None:

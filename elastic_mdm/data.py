@@ -101,9 +101,14 @@ def concat_sequences(
     if bool((tokens == mask_token_id).any()):
         raise ValueError(f"A sequence contains the mask token ({mask_token_id}); clean data must not.")
     if all("anchor_mask" in f for f in features):
-        anchors = torch.cat([torch.as_tensor(f["anchor_mask"]).flatten().bool() for f in features])
-        if anchors.numel() != tokens.numel():
-            raise ValueError("anchor_mask must have one entry per token of input_ids.")
+        masks = [torch.as_tensor(f["anchor_mask"]).flatten().bool() for f in features]
+        for i, (anchor, seq) in enumerate(zip(masks, sequences, strict=True)):
+            if anchor.numel() != seq.numel():
+                raise ValueError(
+                    f"anchor_mask of feature {i} has {anchor.numel()} entries but its input_ids {seq.numel()} tokens; "
+                    "give one entry per token of the same feature."
+                )
+        anchors = torch.cat(masks)
     elif any("anchor_mask" in f for f in features):
         raise ValueError("Give anchor_mask for every feature of the batch or for none.")
     else:

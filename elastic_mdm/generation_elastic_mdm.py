@@ -9,6 +9,7 @@ the same denoiser protocol, packing, step cache and token sampling, so that the 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,6 +17,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    NoBadWordsLogitsProcessor,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -25,6 +28,38 @@ from transformers.utils import ModelOutput
 from .cuda_graphs import CUDAGraphDenoiser
 from .packing import PackedSequences, cu_seqlens_from_lengths
 from .schedules import RevealSchedule, get_schedule, reveal_probability
+
+MAX_NUM_STEPS = 65536
+"""Largest `num_steps` K. The samplers keep `F(0..K)` on the host and run K + 1 steps whatever happens in them (a
+step that inserts nothing still draws every open gap's count); a sequence of at most `max_length` tokens changes in
+at most `max_length - 2` of them, so K far above `max_length` only refines the schedule's time grid, at a cost
+linear in K (100000 steps: about 40 s for one 64-token sequence on a CPU). 65536 is 64 x the longest paper context."""
+
+# Transformers generation fields the samplers honour; any other field set to a non-neutral value is refused.
+SUPPORTED_HF_FIELDS = {
+    "do_sample", "temperature", "top_k", "top_p", "use_cache", "max_length", "max_new_tokens",
+    "num_return_sequences", "return_dict_in_generate", "bos_token_id", "eos_token_id", "pad_token_id",
+    "suppress_tokens", "bad_words_ids", "_from_model_config", "transformers_version",
+}  # fmt: skip
+NEUTRAL_HF_VALUES = {
+    "num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
+    "length_penalty": 1.0, "typical_p": 1.0, "diversity_penalty": 0.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "output_attentions": False, "output_hidden_states": False, "output_scores": False, "output_logits": False,
+    "renormalize_logits": False, "remove_invalid_values": False, "low_memory": False, "early_stopping": False,
+}  # fmt: skip
+HF_FIELDS = frozenset(vars(GenerationConfig()))
+UNSUPPORTED_REASONS = {
+    "num_beams": "there is no beam search: every token is drawn in parallel; use num_return_sequences for several "
+    "samples",
+    "repetition_penalty": "it penalises tokens generated before, which needs a left-to-right order the diffusion "
+    "sampler does not have",
+    "no_repeat_ngram_size": "n-gram bans need a left-to-right order the diffusion sampler does not have",
+    "min_length": "lengths come from the gap head and cannot be forced up without biasing them; filter the samples "
+    "by length instead",
+    "min_new_tokens": "lengths come from the gap head and cannot be forced up without biasing them; filter the "
+    "samples by length instead",
+}
 
 
 class ElasticMDMGenerationConfig(GenerationConfig):
@@ -50,6 +85,15 @@ class ElasticMDMGenerationConfig(GenerationConfig):
             (`cuda_graphs.CUDAGraphDenoiser`; the model must be on a CUDA device). Removes the per-pass launch
             overhead that dominates short passes (DESIGN §8); the first call of each bucket captures its graph.
         do_sample, temperature, top_k, top_p: Token sampling, as in Transformers.
+        max_new_tokens: How many tokens each input (prompt, template or the unconditional `BOS EOS`) may grow by;
+            a sequence that reaches it is flagged in `hit_max_length`. Combines with `max_length` (the smaller
+            cap wins).
+        suppress_tokens, bad_words_ids: Tokens never sampled (Transformers' `SuppressTokensLogitsProcessor` and
+            `NoBadWordsLogitsProcessor`); `bad_words_ids` holds single tokens only (`[[id], ...]`).
+
+    Other Transformers fields (`num_beams`, `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`,
+    `min_length`, ...) have no meaning for a diffusion sampler: `generate()` refuses them instead of ignoring them.
+    `num_steps` is at most `MAX_NUM_STEPS`.
 
     `gap_temperature` and `gap_do_sample` only concern `objective="elastic"` models (MDLM has no gap head).
     """
@@ -220,6 +264,8 @@ def cap_insertions(
 def reveal_tables(schedule: RevealSchedule, num_steps: int) -> tuple[list[float], list[float]]:
     """`F(0..K)` and `q_0..q_K` with `q_k = (F(k+1) - F(k)) / (1 - F(k))` and `q_K = 0`, as host floats (the step
     loop then reads them without a device sync). `q_{K-1} = 1` unless everything was revealed before."""
+    if num_steps > MAX_NUM_STEPS:
+        raise ValueError(f"num_steps={num_steps} is above the limit of {MAX_NUM_STEPS} (see MAX_NUM_STEPS).")
     reveal = schedule.table(num_steps)  # float64 on the host
     share = reveal_probability(reveal[:-1], reveal[1:]).tolist() + [0.0]
     return reveal.tolist(), share
@@ -643,7 +689,8 @@ class ElasticMDMGenerationMixin:
               `mdlm_gap_budget`, the number of masks each open gap gets (pad / EOS written in a gap are dropped).
 
         Every field of `ElasticMDMGenerationConfig` can be passed as a keyword (`num_steps`, `schedule`,
-        `temperature`, `top_k`, `top_p`, `gap_temperature`, `max_length`, `num_return_sequences`, ...).
+        `temperature`, `top_k`, `top_p`, `gap_temperature`, `max_length`, `max_new_tokens`, `suppress_tokens`,
+        `bad_words_ids`, `num_return_sequences`, ...); Transformers fields without a diffusion meaning raise.
         `generator` (or `seed`) drives every random draw.
 
         Returns `(sequences, lengths)`: `[batch, max_len]` padded with `pad_token_id` (EOS if unset) and `[batch]`,
@@ -656,9 +703,10 @@ class ElasticMDMGenerationMixin:
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         state = self._initial_state(input_ids, attention_mask, template_ids, config.num_return_sequences)
-        if int(state.lengths.max()) > max_length:
+        input_lengths = state.lengths.tolist()
+        if max(input_lengths) > max_length:
             raise ValueError(
-                f"An input has {int(state.lengths.max())} tokens with its anchors, more than max_length={max_length}."
+                f"An input has {max(input_lengths)} tokens with its anchors, more than max_length={max_length}."
             )
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_id
         common = dict(  # what both samplers share
@@ -675,13 +723,25 @@ class ElasticMDMGenerationMixin:
             progress_bar=config.progress_bar,
         )
         denoiser = self._cuda_graph_denoiser(pad) if config.cuda_graphs else self
-        if self.config.objective == "mdlm":
-            budget = self._mdlm_gap_budget(config, template_ids is not None)
-            output = sample_mdlm(denoiser, state, eos_token_id=self.config.eos_token_id, gap_budget=budget, **common)
-        else:
-            output = sample_elastic(
-                denoiser, state, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample, **common
-            )
+
+        def run(part: ActiveState, cap: int) -> ElasticMDMGenerateOutput:
+            if self.config.objective == "mdlm":
+                budget = self._mdlm_gap_budget(config, template_ids is not None)
+                return sample_mdlm(
+                    denoiser, part, eos_token_id=self.config.eos_token_id, gap_budget=budget,
+                    **{**common, "max_length": cap},
+                )  # fmt: skip
+            return sample_elastic(
+                denoiser, part, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample,
+                **{**common, "max_length": cap},
+            )  # fmt: skip
+
+        groups = rows_by_cap(self._length_caps(config, input_lengths, max_length))
+        if len(groups) == 1:
+            output = run(state, next(iter(groups)))
+        else:  # max_new_tokens with inputs of different lengths: one sampler run per length cap
+            parts = [(rows, run(subset_state(state, rows), cap)) for cap, rows in groups.items()]
+            output = merge_outputs(parts, len(input_lengths), pad)
         if return_dict_in_generate:
             return output
         return output.sequences, output.lengths
@@ -704,13 +764,11 @@ class ElasticMDMGenerationMixin:
         params.pop("transformers_version", None)
         # Transformers refuses num_return_sequences > 1 with greedy tokens (a beam-search rule); here gap counts
         # stay random, so the copies differ: keep it out of its validation.
-        num_return_sequences = params.pop("num_return_sequences", None) or 1
+        num_return_sequences = params.pop("num_return_sequences", None)
         config = ElasticMDMGenerationConfig(**params)
-        config.num_return_sequences = num_return_sequences
-        if not isinstance(config.num_steps, int) or config.num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1, got {config.num_steps!r}.")
-        if config.gap_temperature <= 0:
-            raise ValueError(f"gap_temperature must be > 0, got {config.gap_temperature}.")
+        config.num_return_sequences = 1 if num_return_sequences is None else num_return_sequences
+        check_sampler_fields(config)
+        check_transformers_fields(config, self.config.vocab_size)
         config.reveal_schedule()  # unknown schedule / bad parameters raise here
         budget = config.mdlm_gap_budget
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
@@ -742,6 +800,13 @@ class ElasticMDMGenerationMixin:
                 "number of masks per open gap: pass mdlm_gap_budget=N (the paper's §5.4 MDLM baseline)."
             )
         return config.mdlm_gap_budget
+
+    def _length_caps(self, config: ElasticMDMGenerationConfig, lengths: list[int], max_length: int) -> list[int]:
+        """The longest each sequence may become: `max_length`, and with `max_new_tokens` its input length (anchors
+        included) plus `max_new_tokens` when that is shorter."""
+        if config.max_new_tokens is None:
+            return [max_length] * len(lengths)
+        return [min(max_length, n + config.max_new_tokens) for n in lengths]
 
     def _generation_max_length(self, config: ElasticMDMGenerationConfig) -> int:
         limit = self.config.max_position_embeddings
@@ -830,9 +895,108 @@ def parse_template(template: list[int], bos: int, eos: int, mask: int, name: str
     return ids[~marker].tolist(), open_after.tolist()
 
 
+def check_sampler_fields(config: ElasticMDMGenerationConfig) -> None:
+    """Refuse sampler settings that would fail deep inside, silently do nothing, or turn every sample into NaN."""
+    count = config.num_return_sequences
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {count!r}.")
+    steps = config.num_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {steps!r}.")
+    if steps > MAX_NUM_STEPS:
+        raise ValueError(
+            f"num_steps={steps} is above the limit of {MAX_NUM_STEPS}: every step costs time whether or not it "
+            "changes anything, and a sequence of max_length tokens changes in at most max_length - 2 steps, so more "
+            "steps only refine the schedule's time grid. Use num_steps <= max_length (or at most "
+            f"{MAX_NUM_STEPS})."
+        )
+    floats = {"gap_temperature": config.gap_temperature, "temperature": config.temperature, "top_p": config.top_p}
+    floats.update({f"schedule_kwargs[{k!r}]": v for k, v in config.schedule_kwargs.items()})
+    for name, value in floats.items():
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}.")
+    if config.gap_temperature <= 0:
+        raise ValueError(f"gap_temperature must be > 0, got {config.gap_temperature}.")
+    new = config.max_new_tokens
+    if new is not None and (isinstance(new, bool) or not isinstance(new, int) or new < 0):
+        raise ValueError(f"max_new_tokens must be an integer >= 0 (how many tokens an input may grow by), got {new!r}.")
+
+
+def check_transformers_fields(config: GenerationConfig, vocab_size: int) -> None:
+    """Refuse a Transformers generation field the diffusion samplers cannot honour (instead of ignoring it), and
+    check the token lists of the ones they do."""
+    for name, value in vars(config).items():
+        if name not in HF_FIELDS or name in SUPPORTED_HF_FIELDS or value is None:
+            continue
+        if name in NEUTRAL_HF_VALUES and value == NEUTRAL_HF_VALUES[name]:
+            continue
+        reason = UNSUPPORTED_REASONS.get(name, "the diffusion samplers have no equivalent")
+        raise ValueError(f"generate() does not support {name}={value!r}: {reason}. Leave it unset.")
+    for name in ("suppress_tokens", "bad_words_ids"):
+        tokens = getattr(config, name) or []
+        flat = [t for entry in tokens for t in (entry if isinstance(entry, (list, tuple)) else [entry])]
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in flat):
+            raise ValueError(f"{name} must hold token ids in 0..{vocab_size - 1}, got {tokens!r}.")
+    long_words = [word for word in config.bad_words_ids or [] if not isinstance(word, (list, tuple)) or len(word) != 1]
+    if long_words:
+        raise ValueError(
+            f"bad_words_ids may only hold single tokens ([[id], ...]): a multi-token word {long_words[0]!r} has no "
+            "left context to match against in a diffusion sampler. Ban its tokens one by one, or use suppress_tokens."
+        )
+
+
+def rows_by_cap(caps: list[int]) -> dict[int, list[int]]:
+    """Sequence indices grouped by their length cap, in first-seen order."""
+    groups: dict[int, list[int]] = {}
+    for row, cap in enumerate(caps):
+        groups.setdefault(cap, []).append(row)
+    return groups
+
+
+def subset_state(state: ActiveState, rows: list[int]) -> ActiveState:
+    """The sequences `rows` of `state` as a state of their own."""
+    index = torch.tensor(rows, device=state.lengths.device)
+    keep = torch.isin(state.sequence_ids, index)
+    lengths = state.lengths[index]
+    sequence_ids = torch.arange(len(rows), device=index.device).repeat_interleave(lengths)
+    return ActiveState(state.tokens[keep], sequence_ids, state.open_after[keep], lengths)
+
+
+def merge_outputs(
+    parts: list[tuple[list[int], ElasticMDMGenerateOutput]], batch: int, pad_token_id: int
+) -> ElasticMDMGenerateOutput:
+    """One output of `batch` sequences from sampler runs over disjoint `rows` (original order restored)."""
+    width = max(part.sequences.shape[1] for _, part in parts)
+    first = parts[0][1]
+    sequences = first.sequences.new_full((batch, width), pad_token_id)
+    lengths, hit = first.lengths.new_zeros(batch), first.hit_max_length.new_zeros(batch)
+    for rows, part in parts:
+        index = torch.tensor(rows, device=sequences.device)
+        sequences[index, : part.sequences.shape[1]] = part.sequences
+        lengths[index], hit[index] = part.lengths, part.hit_max_length
+    trajectory = None
+    if first.trajectory is not None:
+        steps = max(len(part.trajectory) for _, part in parts)
+        trajectory = [[None] * batch for _ in range(steps)]
+        for rows, part in parts:
+            for k in range(steps):
+                for row, seq in zip(rows, part.trajectory[min(k, len(part.trajectory) - 1)], strict=True):
+                    trajectory[k][row] = seq
+    return ElasticMDMGenerateOutput(
+        sequences=sequences, lengths=lengths, hit_max_length=hit, trajectory=trajectory,
+        num_passes=sum(part.num_passes for _, part in parts),
+        tokens_processed=sum(part.tokens_processed for _, part in parts),
+    )  # fmt: skip
+
+
 def token_logits_processors(config: GenerationConfig) -> LogitsProcessorList:
-    """Temperature, top-k and top-p warpers of Transformers, in that order."""
+    """Transformers' logits processors: `suppress_tokens` and single-token `bad_words_ids` (banned tokens), then the
+    temperature, top-k and top-p warpers, in that order."""
     processors = LogitsProcessorList()
+    if config.suppress_tokens:
+        processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens))
+    if config.bad_words_ids:
+        processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids))
     if config.temperature is not None and config.temperature != 1.0:
         processors.append(TemperatureLogitsWarper(config.temperature))
     if config.top_k:
