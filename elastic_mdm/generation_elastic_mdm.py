@@ -26,6 +26,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import ModelOutput
 
 from .cuda_graphs import CUDAGraphDenoiser
+from .length_lock import locked_insertions
 from .packing import PackedSequences, cu_seqlens_from_lengths
 from .schedules import RevealSchedule, get_schedule, reveal_probability
 
@@ -71,6 +72,9 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         schedule_kwargs: Its parameters (`sigma`, `p`, `beta`, `omega`).
         gap_temperature: Temperature of the gap-count distribution.
         gap_do_sample: Sample gap counts (`True`) or take the most likely count (`False`).
+        lock_length: Keep the length the gap head draws at step 0 (the length model) and let later steps only
+            place the remaining positions (`length_lock.py`); `False` is the paper's sampler, which re-draws every
+            gap's count at every step. Both are exact with an oracle model.
         use_cache: Reuse a sequence's last pass when its input did not change (no fill, no insertion) and the model
             is not time-conditioned, as MDLM's `ddpm_cache`.
         output_trajectory: Return the active sequence of every step (`return_dict_in_generate=True`).
@@ -105,6 +109,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         schedule_kwargs: dict | None = None,
         gap_temperature: float = 1.0,
         gap_do_sample: bool = True,
+        lock_length: bool = False,
         output_trajectory: bool = False,
         progress_bar: bool = False,
         mdlm_gap_budget: int | None = None,
@@ -116,6 +121,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         self.schedule_kwargs = dict(schedule_kwargs or {})
         self.gap_temperature = gap_temperature
         self.gap_do_sample = gap_do_sample
+        self.lock_length = lock_length
         self.output_trajectory = output_trajectory
         self.progress_bar = progress_bar
         self.mdlm_gap_budget = mdlm_gap_budget
@@ -205,6 +211,12 @@ def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.G
     probs = torch.softmax(logits.float(), dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)
+
+
+def expected_count(logits: torch.Tensor) -> torch.Tensor:
+    """`E[g] = Σ_g g · softmax(logits)_g` per row `[rows]`."""
+    classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    return torch.softmax(logits.float(), dim=-1) @ classes
 
 
 def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -386,6 +398,7 @@ def sample_elastic(
     generator: torch.Generator | None = None,
     output_trajectory: bool = False,
     progress_bar: bool = False,
+    lock_length: bool = False,
 ) -> ElasticMDMGenerateOutput:
     r"""Elastic-MDM reverse process (DESIGN §3) on a packed batch.
 
@@ -401,6 +414,7 @@ def sample_elastic(
     ```
     `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
     last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
+    With `lock_length`, the total of the step-0 gap draws is kept and later steps only place it (`length_lock.py`).
 
     The loop reads the device once per step (DESIGN §8), after the insertion: the number of inserted masks and the
     size of the next pass. The host then knows every count a step needs: the masks to fill are the masks inserted
@@ -415,6 +429,7 @@ def sample_elastic(
         state.lengths, everything, (state.tokens == mask_token_id).sum(), state.open_after.sum()
     )
     hidden, trajectory, num_passes, tokens_processed = None, [], 0, 0
+    remaining = None  # [B] positions still to reveal (lock_length)
     for k in step_range(num_steps + 1, "elastic-mdm", progress_bar):
         if output_trajectory:
             trajectory.append(state.split())
@@ -439,11 +454,15 @@ def sample_elastic(
             continue
 
         open_rows = rows_where(state.open_after, num_open)
-        gaps = sample_categorical(
-            denoiser.gap_logits(hidden, open_rows, reveal[k]).float() / gap_temperature, gap_do_sample, generator
-        )
-        counts = sample_binomial(gaps, q, generator)  # [open]
         owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap
+        gap_logits = denoiser.gap_logits(hidden, open_rows, reveal[k]).float() / gap_temperature  # [open, G + 1]
+        gaps = sample_categorical(gap_logits, gap_do_sample, generator)
+        if lock_length:  # the step-0 total stays; the gap head only places it (one more read)
+            counts, remaining = locked_insertions(
+                gaps, expected_count(gap_logits), owners, remaining, q, batch, generator
+            )
+        else:
+            counts = sample_binomial(gaps, q, generator)  # [open]
         growth = Growth.of(state.lengths, owners, counts, dirty)  # the step's one read
         if growth.longest > max_length:  # rare: a sequence would outgrow the cap (one more read this step)
             counts, clipped = cap_insertions(counts, owners, state.lengths, max_length)
@@ -733,6 +752,7 @@ class ElasticMDMGenerationMixin:
                 )  # fmt: skip
             return sample_elastic(
                 denoiser, part, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample,
+                lock_length=config.lock_length,
                 **{**common, "max_length": cap},
             )  # fmt: skip
 

@@ -131,6 +131,7 @@ def run_oracle(
     anchors: list[list[int]] | None = None,
     max_length: int | None = None,
     output_trajectory: bool = False,
+    lock_length: bool = False,
 ):
     generator = torch.Generator().manual_seed(seed)
     oracle = Oracle(x0s, torch.Generator().manual_seed(seed + 1))
@@ -148,6 +149,7 @@ def run_oracle(
         use_cache=use_cache,
         generator=generator,
         output_trajectory=output_trajectory,
+        lock_length=lock_length,
     )
     return output, oracle
 
@@ -167,13 +169,20 @@ def sequences_of(output) -> list[list[int]]:
 RECOVERY_NS = [0, 1, 2, 5, 17, 40]
 
 
+SAMPLERS = pytest.mark.parametrize("lock_length", [False, True], ids=["paper", "locked"])
+
+
+@SAMPLERS
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("num_steps", [1, 2, 7, 64])
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_oracle_recovers_x0_exactly(schedule: str, num_steps: int, use_cache: bool) -> None:
-    """One packed batch of x0s with n = 0 .. 40 comes back exactly, for every schedule and horizon."""
+def test_oracle_recovers_x0_exactly(schedule: str, num_steps: int, use_cache: bool, lock_length: bool) -> None:
+    """One packed batch of x0s with n = 0 .. 40 comes back exactly, for every schedule and horizon, with the paper's
+    sampler and the length-locked one."""
     x0s = [make_x0(n, copy) for copy, n in enumerate(RECOVERY_NS)]
-    output, oracle = run_oracle(x0s, schedule_of(schedule), num_steps, seed=num_steps, use_cache=use_cache)
+    output, oracle = run_oracle(
+        x0s, schedule_of(schedule), num_steps, seed=num_steps, use_cache=use_cache, lock_length=lock_length
+    )
     assert sequences_of(output) == x0s
     assert output.lengths.tolist() == [len(x0) for x0 in x0s]
     assert not output.hit_max_length.any()
@@ -202,13 +211,16 @@ def test_oracle_cache_reuses_passes() -> None:
     assert cached.tokens_processed < fresh.tokens_processed
 
 
+@SAMPLERS
 @pytest.mark.parametrize("schedule", ["linear", "clipped"])
-def test_oracle_template_closed_gaps_stay_closed(schedule: str) -> None:
+def test_oracle_template_closed_gaps_stay_closed(schedule: str, lock_length: bool) -> None:
     """Anchors inside x0: only the gaps that hide removed positions are open; x0 comes back exactly."""
     x0s = [make_x0(12, 0), make_x0(5, 1), make_x0(3, 2)]
     anchors = [[0, 3, 4, 9, 13], [0, 1, 2, 6], [0, 1, 2, 3, 4]]  # last one: everything is an anchor
     for num_steps in (1, 4, 16):
-        output, _ = run_oracle(x0s, schedule_of(schedule), num_steps, anchors=anchors, seed=num_steps)
+        output, _ = run_oracle(
+            x0s, schedule_of(schedule), num_steps, anchors=anchors, seed=num_steps, lock_length=lock_length
+        )
         assert sequences_of(output) == x0s
 
 
@@ -231,8 +243,9 @@ def test_oracle_max_length_cap() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@SAMPLERS
 @pytest.mark.parametrize("schedule", ["linear", "exponential"])
-def test_oracle_active_count_is_binomial(schedule: str) -> None:
+def test_oracle_active_count_is_binomial(schedule: str, lock_length: bool) -> None:
     """Interior active tokens at step k ~ Binomial(n, F(k)): 400 copies of one x0 (n = 40, K = 8) in one packed run.
 
     Tolerances (per step k, p = F(k), N = 400 runs):
@@ -247,7 +260,7 @@ def test_oracle_active_count_is_binomial(schedule: str) -> None:
     # same interior for every copy; each copy its own BOS so the oracle can tell them apart
     x0s = [[ORACLE_FIRST_BOS + c, *x0[1:]] for c in range(copies)]
     sched = schedule_of(schedule)
-    output, _ = run_oracle(x0s, sched, num_steps, seed=123, output_trajectory=True)
+    output, _ = run_oracle(x0s, sched, num_steps, seed=123, output_trajectory=True, lock_length=lock_length)
     assert sequences_of(output) == x0s
     trajectory = output.trajectory
     assert len(trajectory) == num_steps + 2
@@ -622,3 +635,45 @@ def test_generate_needs_special_ids() -> None:
     model = build_model(tame=False, mask_token_id=None)
     with pytest.raises(ValueError, match="mask_token_id"):
         model.generate(num_steps=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Length-locked sampler
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_locked_length_is_the_step_zero_draw() -> None:
+    """With greedy gaps the step-0 draw is one number; the locked sampler ends every sample at that length for any
+    K, while the paper's sampler re-draws the gaps at every step and grows past it."""
+    model = build_model(seed=3)
+    classes = torch.arange(model.config.num_gap_classes, dtype=torch.float32)
+    with torch.no_grad():
+        model.gap_head.out_proj.bias.copy_(-0.5 * (classes - 6.0) ** 2)  # greedy counts near 6
+
+    def lengths(num_steps: int, lock_length: bool) -> list[int]:
+        out = model.generate(
+            num_return_sequences=8, num_steps=num_steps, gap_do_sample=False, lock_length=lock_length, seed=0,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        return out.lengths.tolist()
+
+    locked = {num_steps: lengths(num_steps, True) for num_steps in (1, 4, 16)}
+    assert len({length for row in locked.values() for length in row}) == 1
+    assert locked[1] == lengths(1, False)  # K = 1: both samplers take the step-0 draw
+    assert min(lengths(16, False)) > locked[1][0]
+
+
+def test_locked_slots_are_hypergeometric() -> None:
+    """`draw_slots`: M of the slots of a sequence drawn without replacement; gaps (2, 3), M = 2: P(m_1 = 0, 1, 2) =
+    (3, 6, 1) / 10, within 4 standard errors over 20000 draws; a second sequence's slots stay its own."""
+    from elastic_mdm.length_lock import draw_slots
+
+    copies = 20000
+    gaps = torch.tensor([2, 3, 4]).repeat(copies)
+    owners = torch.arange(2 * copies).repeat_interleave(torch.tensor([2, 1]).repeat(copies))
+    totals = torch.tensor([2, 1]).repeat(copies)
+    counts = draw_slots(gaps, owners, totals, 4, torch.Generator().manual_seed(0)).view(copies, 3)
+    assert (counts[:, :2].sum(-1) == 2).all() and (counts[:, 2] == 1).all() and (counts <= gaps.view(copies, 3)).all()
+    for k, p in enumerate([0.3, 0.6, 0.1]):
+        share = float((counts[:, 0] == k).double().mean())
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / copies)

@@ -1,0 +1,95 @@
+r"""Length-locked insertion: the sampler variant whose final length is the step-0 draw of the gap head.
+
+The paper's sampler re-draws every gap `g_j ~ p_φ(· | z_k)` at every step and inserts `m_j ~ Binomial(g_j, q_k)`
+masks, independently per gap: the final length is the sum of K rounds of independent re-predictions, so any error
+of the gap head on the model's own (imperfect) fills adds up over the steps. The locked variant keeps the total
+that the step-0 draws fixed and lets the later steps only decide *where* the remaining positions go:
+
+```
+R_b <- Σ_j g_j over the open gaps of sequence b at step 0            the length model's draw
+every step k:   g_j ~ p_φ(· | z_k)                                   placement weights, as in the paper
+                M_b ~ Binomial(R_b, q_k)                             how many positions step k + 1 reveals
+                m   = M_b slots drawn without replacement from the Σ_j g_j slots of sequence b
+                R_b <- R_b - M_b
+```
+
+With an oracle gap head (`g_j` the true counts, so `Σ_j g_j = R_b`) the draw of `m` is the multivariate
+hypergeometric split of `M_b ~ Binomial(R_b, q_k)`, which is exactly the law of independent `Binomial(g_j, q_k)`:
+the forward process itself. Exact recovery and the `Binomial(n, F(k))` active counts hold as for the paper's
+sampler. When the model's slots run short (`Σ_j g_j < M_b`) the step inserts all of them and the rest waits; the last
+step (`q = 1`) places any remainder in one gap drawn in proportion to `E_φ[g_j]`, so the final length is `R_b`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_sequence_sum(values: torch.Tensor, owners: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[B]` sums of `values` `[rows]` grouped by `owners` `[rows]`."""
+    return torch.zeros(batch, dtype=values.dtype, device=values.device).index_add_(0, owners, values)
+
+
+def draw_slots(
+    gaps: torch.Tensor,  # [open] slots of each gap
+    owners: torch.Tensor,  # [open] sequence of each gap (sorted)
+    totals: torch.Tensor,  # [B] slots to draw per sequence, at most its number of slots
+    width: int,  # >= gaps.max()
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """`[open]` how many of the `totals[b]` slots drawn uniformly without replacement from the `Σ_j gaps[j]` slots
+    of sequence b fall into gap j (multivariate hypergeometric), by random keys ranked inside each sequence."""
+    if width == 0 or gaps.numel() == 0:
+        return torch.zeros_like(gaps)
+    keys = torch.rand(gaps.numel(), width, generator=generator, device=gaps.device, dtype=torch.float64)
+    valid = torch.arange(width, device=gaps.device)[None] < gaps[:, None]  # [open, width]
+    keys = torch.where(valid, keys, torch.full_like(keys, 1.5)) + 2.0 * owners[:, None]  # sequence-major order
+    order = keys.flatten().argsort()
+    rank = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    per_sequence = per_sequence_sum(torch.full_like(gaps, width), owners, totals.numel())  # [B] slots incl. invalid
+    starts = per_sequence.cumsum(0) - per_sequence  # [B]
+    rank = rank.view(-1, width) - starts[owners][:, None]  # rank of each slot inside its sequence
+    return (rank < totals[owners][:, None]).sum(-1)
+
+
+def pick_one_gap(weights: torch.Tensor, owners: torch.Tensor, batch: int, generator) -> torch.Tensor:
+    """`[open]` bool: one gap per sequence, drawn with probability `∝ weights` (exponential race per sequence)."""
+    race = weights / torch.empty_like(weights).exponential_(1.0, generator=generator)  # [open]
+    best = torch.zeros(batch, dtype=race.dtype, device=race.device).scatter_reduce(0, owners, race, reduce="amax")
+    return race == best[owners]
+
+
+def binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
+    if prob >= 1.0 or prob <= 0.0:
+        return count if prob >= 1.0 else torch.zeros_like(count)
+    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
+    return torch.binomial(count.float(), p, generator=generator).long()
+
+
+def locked_insertions(
+    gaps: torch.Tensor,  # [open] g_j drawn from the gap head
+    expected: torch.Tensor,  # [open] E_φ[g_j], where a remainder goes at the last step
+    owners: torch.Tensor,  # [open] sequence of each open gap (sorted)
+    remaining: torch.Tensor | None,  # [B] positions still to reveal (None at step 0)
+    reveal_share: float,  # q_k
+    batch: int,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks to insert into every open gap `[open]` and the positions still to reveal afterwards `[B]`.
+
+    Reads the device once (the widest gap, which sizes the slot draw)."""
+    slots = per_sequence_sum(gaps, owners, batch)  # [B]
+    if remaining is None:
+        remaining = slots
+    totals = binomial(remaining, reveal_share, generator)  # [B] M_b ~ Binomial(R_b, q_k)
+    if reveal_share >= 1.0:  # the last step: everything left goes in, a shortfall into one gap
+        shortfall = (remaining - slots).clamp_min(0)
+        gaps = gaps + shortfall[owners] * pick_one_gap(expected.double() + 1e-6, owners, batch, generator)
+    else:
+        totals = torch.minimum(totals, slots)
+    width = int(gaps.max()) if gaps.numel() else 0
+    return draw_slots(gaps, owners, totals, width, generator), remaining - totals
+
+
+__all__ = ["locked_insertions", "draw_slots", "pick_one_gap"]
