@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 from transformers import HfArgumentParser, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
 from elastic_mdm.checkpoints import (
@@ -197,11 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 6. evaluate, save (weights, remote code, tokenizer, generation config, model card), push
     metrics = trainer.evaluate() if eval_dataset is not None else {}
-    if model_args.lora_r and model_args.lora_merge:  # a plain Elastic-MDM folder, adapters folded in
-        model = trainer.model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    merge = bool(model_args.lora_r and model_args.lora_merge)
+    if merge:  # a plain Elastic-MDM folder, adapters folded in
+        model = trainer.model = merge_lora(trainer)
     model.generation_config.num_steps = report_args.report_num_steps
     model.generation_config.schedule = report_args.report_schedule
-    trainer.save_model()
+    if merge and is_deepspeed_zero3_enabled():
+        save_merged_zero3(trainer, model, tokenizer)
+    else:
+        trainer.save_model()
     trainer.create_model_card()
     if training_args.push_to_hub:
         trainer.push_to_hub()
@@ -210,6 +215,31 @@ def main(argv: list[str] | None = None) -> dict:
     if report_args.report_num_samples and trainer.is_world_process_zero():
         metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
     return metrics
+
+
+def merge_lora(trainer: ElasticMDMTrainer) -> ElasticMDMForDiffusionLM:
+    """Fold the LoRA adapters into the block linears (peft `merge_and_unload`). Under DeepSpeed ZeRO-3 every rank
+    holds a shard of each weight, so the merge runs on the gathered weights and rank 0's result is partitioned
+    back."""
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    if not is_deepspeed_zero3_enabled():
+        return peft_model.merge_and_unload()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(peft_model.parameters()), modifier_rank=0):
+        return peft_model.merge_and_unload()
+
+
+def save_merged_zero3(trainer: ElasticMDMTrainer, model: ElasticMDMForDiffusionLM, tokenizer) -> None:
+    """Save a merged LoRA model trained under ZeRO-3: the engine gathers the 16-bit weights (every rank takes part)
+    under the peft wrapper's names, which lose their `base_model.model.` prefix; rank 0 writes a plain folder."""
+    state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
+    if not trainer.args.should_save:
+        return
+    prefix = "base_model.model."
+    state_dict = {name.removeprefix(prefix): tensor for name, tensor in state_dict.items()}
+    model.save_pretrained(trainer.args.output_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(trainer.args.output_dir)
 
 
 def check_training_paths(

@@ -73,11 +73,14 @@ def test_yaml_then_flags(tmp_path: Path) -> None:
     assert report_args.report_num_samples == 512
 
 
-def launch(config: str, output: Path, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def launch(
+    config: str, output: Path, extra_env: dict | None = None, extra_args: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     command = [accelerate, "launch", "--config_file", config, "scripts/train.py", "configs/tiny.yaml",
-               "--output_dir", str(output), "--report_num_samples", "0", "--disable_tqdm", "true", *QUICK]  # fmt: skip
+               "--output_dir", str(output), "--report_num_samples", "0", "--disable_tqdm", "true", *QUICK,
+               *extra_args]  # fmt: skip
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -101,6 +104,49 @@ def test_deepspeed_zero2_two_cpu_processes(tmp_path: Path) -> None:
     result = launch("configs/accelerate/deepspeed_zero2_cpu.yaml", tmp_path / "zero2")
     assert result.returncode == 0, result.stderr[-4000:]
     assert_saved_and_loadable(tmp_path / "zero2")
+
+
+def test_deepspeed_zero3_two_cpu_processes(tmp_path: Path, isolated_python) -> None:
+    """The documented ZeRO-3 path (partitioned init, 16-bit gathered save) trains, saves a plain folder, and that
+    folder reloads through AutoModel(..., trust_remote_code=True) and generates."""
+    pytest.importorskip("deepspeed")
+    result = launch("configs/accelerate/deepspeed_zero3_cpu.yaml", tmp_path / "zero3")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_saved_and_loadable(tmp_path / "zero3")
+    reloaded = isolated_python(RELOAD_AND_GENERATE, str(tmp_path / "zero3"))
+    assert reloaded.returncode == 0 and "LENGTHS=" in reloaded.stdout, reloaded.stderr[-3000:]
+
+
+def test_deepspeed_zero3_lora_merges_and_reloads(tmp_path: Path, isolated_python) -> None:
+    """The LLaDA retrofit recipe in small: ZeRO-3, LoRA with modules_to_save, gradient checkpointing, merged save."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("peft")
+    from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+    from elastic_mdm.corpus import ensure_special_tokens, sync_config_with_tokenizer
+    from elastic_mdm.synthetic import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ensure_special_tokens(tokenizer)
+    config = ElasticMDMConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=80, block_type="llama",
+        adaln=True, cond_dim=16,
+    )  # fmt: skip
+    base = ElasticMDMForDiffusionLM(sync_config_with_tokenizer(config, tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    output = tmp_path / "lora"
+    flags = ("--model_name_or_path", str(tmp_path / "base"), "--lora_r", "4", "--learning_rate", "0.01",
+             "--gradient_checkpointing", "true")  # fmt: skip
+    result = launch("configs/accelerate/deepspeed_zero3_cpu.yaml", output, extra_args=flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    merged = ElasticMDMForDiffusionLM.from_pretrained(output).state_dict()
+    assert set(merged) == set(before)  # plain names, no peft wrapper prefix
+    changed = {k for k, v in merged.items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("gap_head.") for k in changed) and any(".attn.q_proj." in k for k in changed)
+    assert "model.embed_tokens.weight" not in changed
+    reloaded = isolated_python(RELOAD_AND_GENERATE, str(output))
+    assert reloaded.returncode == 0 and "LENGTHS=" in reloaded.stdout, reloaded.stderr[-3000:]
 
 
 RELOAD_AND_GENERATE = """
