@@ -31,7 +31,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num_return_sequences", type=int, default=4)
     parser.add_argument("--num_steps", type=int)
     parser.add_argument("--schedule", help="linear | cosine | exponential | p-linear | clipped")
-    parser.add_argument("--schedule_kwargs", type=json.loads, help='e.g. \'{"sigma": 5.0}\'')
+    parser.add_argument("--schedule_kwargs", type=json.loads, help="e.g. '{\"sigma\": 5.0}'")
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top_k", type=int)
     parser.add_argument("--top_p", type=float)
