@@ -58,6 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -558,7 +559,7 @@ def merge_overrides(derived: dict[str, Any], overrides: dict[str, Any], fixed: I
     return {**derived, **overrides}
 
 
-def check_special_ids(config: ElasticMDMConfig) -> None:
+def check_special_ids(config: ElasticMDMConfig | SimpleNamespace) -> None:
     """The mask token needs its own row: inside the vocabulary and different from BOS, EOS and pad."""
     mask, rows = config.mask_token_id, config.vocab_size
     if mask is None or not 0 <= mask < rows:
@@ -582,9 +583,13 @@ def check_special_ids(config: ElasticMDMConfig) -> None:
 def build_config(fmt: SourceFormat, source: SourceCheckpoint, overrides: dict[str, Any]) -> ElasticMDMConfig:
     """The converted model's config: the source's fields, then the (checked) overrides; special ids validated."""
     kwargs = merge_overrides(CONFIG_BUILDERS[fmt.name](source), overrides, fmt.fixed_fields)
-    config = ElasticMDMConfig(**kwargs)
-    check_special_ids(config)
-    return config
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(ElasticMDMConfig.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    check_special_ids(SimpleNamespace(**{**defaults, **kwargs}))  # the converter's own messages come first
+    return ElasticMDMConfig(**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
