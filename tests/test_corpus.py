@@ -348,7 +348,8 @@ def test_check_vocab_and_sync(tokenizer):
     with pytest.raises(ValueError, match=r"config.mask_token_id=7 but tokenizer.mask_token_id=3"):
         check_vocab(config, tokenizer)
     with pytest.raises(ValueError, match="resize_token_embeddings"):
-        check_vocab(ElasticMDMConfig(vocab_size=10), tokenizer)
+        no_ids = dict(mask_token_id=None, bos_token_id=None, eos_token_id=None)
+        check_vocab(ElasticMDMConfig(vocab_size=10, **no_ids), tokenizer)
     with pytest.raises(ValueError, match="no mask token"):
         check_vocab(ElasticMDMConfig(), word_tokenizer(bos_token="<s>", eos_token="</s>"))
 
