@@ -344,7 +344,8 @@ def nelbo_report(
 ) -> dict[str, float]:
     """The held-out NELBO of the K-step process (K = `num_steps`, `schedule`) as bits per token and perplexity bound,
     with the objective's evaluation collator and seeded noise: `trainer.nelbo_metrics` (the bound of `nelbo.py`,
-    `(K + 1) · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{0..K}` per sequence; MDLM's bound for `mdlm`)."""
+    step 0 exactly plus `K · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence; MDLM's bound for
+    `mdlm`)."""
     from .trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
 
     args = ElasticMDMTrainingArguments(

@@ -9,10 +9,10 @@ step identify, with `x0`, the reveal step of every position, so
     NELBO(x0) = E_q [ Σ_{k=1..K} Σ_{masks i of z_k} -log p_θ(x0_i | z_k) + Σ_{k=0..K-1} Σ_{gaps of z_k} l_k(g, m) ]
     l_k(g, m) = -log Σ_{g' >= m} p_φ(g' | z_k) C(g', m) (1 - q_k)^(g' - g)            (q_k^m cancels)
 
-The estimator draws one `k ~ U{0..K}` per sequence and returns `(K + 1) · [token CE at step k + Σ_gaps l_k(g, m)]`,
-with `m` the forward process's own reveals at the next step; bits per token divide by `n + 1` (interior tokens and
-EOS), the count MDLM's bound uses. The training loss `-log p_φ(g)` overstates each gap term by `log C(g, m) >= 0`
-and is not a bound.
+The estimator takes the step-0 term exactly and draws one `k ~ U{1..K}` per sequence:
+`[Σ_gaps l_0] + K · [token CE at step k + Σ_gaps l_k(g, m)]`, with `m` the forward process's own reveals at the
+next step; bits per token divide by `n + 1` (interior tokens and EOS), the count MDLM's bound uses. The training
+loss `-log p_φ(g)` overstates each gap term by `log C(g, m) >= 0` and is not a bound.
 """
 
 from __future__ import annotations
@@ -54,9 +54,13 @@ def gap_nelbo_terms(
 class ElasticNELBOCollator(PackingCollator):
     """Held-out batches for the NELBO estimator of a fixed K-step process (`num_steps`, `schedule`).
 
-    Each sequence draws `k ~ U{0..K}` and is corrupted at `(s, s') = (F(k-1), F(k))` (`F(-1) = 0`); the batch also
-    holds `gap_reveals` (`m` of every gap, from the same uniforms at `s'' = F(k+1)`, `F(K+1) = 1`), `reveal_prob`
-    `q_k` `[B]` and `nelbo_scale = K + 1`.
+    The step-0 term (the length model) is a large share of the bound and costs one short pass, so it is taken
+    exactly rather than sampled: every sequence appears twice, at `k = 0` with weight 1 and at `k ~ U{1..K}` with
+    weight K (`nelbo_weight` `[2B]`; the estimate of a sequence is the weighted sum of its two terms, unbiased for the
+    NELBO with a far smaller variance than one `k ~ U{0..K}` scaled by `K + 1`). Each copy is corrupted at
+    `(s, s') = (F(k-1), F(k))` (`F(-1) = 0`); the batch also holds `gap_reveals` (`m` of every gap, from the same
+    uniforms at `s'' = F(k+1)`, `F(K+1) = 1`) and `reveal_prob` `q_k` `[2B]`. `num_target_tokens` counts each
+    sequence once (0 on the second copy).
     """
 
     schedule: str | RevealSchedule = "linear"
@@ -69,37 +73,43 @@ class ElasticNELBOCollator(PackingCollator):
         self.schedule = get_schedule(self.schedule)
 
     def apply_noise(self, clean: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:
-        tokens, cu = clean["clean_ids"], clean["clean_cu_seqlens"]
+        tokens, cu, anchors = clean["clean_ids"], clean["clean_cu_seqlens"], clean["anchor_mask"]
         batch, device = cu.numel() - 1, tokens.device
-        steps = (draw(batch, clean, generator) * (self.num_steps + 1)).floor().long()  # [B] k ~ U{0..K}
+        later = (draw(batch, clean, generator) * self.num_steps).floor().long() + 1  # [B] k ~ U{1..K}
+        steps = torch.cat([torch.zeros_like(later), later])  # [2B]: every sequence at k = 0, then at k
         table = self.schedule.table(self.num_steps, device=device)  # [K + 1] F(0..K)
         extended = torch.cat([table.new_zeros(1), table, table.new_ones(1)])  # F(-1), F(0..K), F(K+1)
         clean_share, active_share, next_share = extended[steps], extended[steps + 1], extended[steps + 2]
-        packed = PackedSequences.from_cu_seqlens(cu, max_seqlen=0, num_tokens=tokens.numel())
+        twice = torch.cat([cu[:-1], cu[1:-1] + cu[-1], 2 * cu[-1:]])  # [2B + 1]
+        packed = PackedSequences.from_cu_seqlens(twice, max_seqlen=0, num_tokens=2 * tokens.numel())
         out = corrupt_packed(
-            tokens,
+            tokens.repeat(2),
             packed.sequence_ids,
-            clean["anchor_mask"],
+            anchors.repeat(2),
             clean_share,
             active_share,
-            draw(tokens.numel(), clean, generator),
+            draw(2 * tokens.numel(), clean, generator),
             self.mask_token_id,
             next_share=next_share,
         )
+        weights = torch.cat(
+            [torch.ones(batch, device=device), torch.full((batch,), float(self.num_steps), device=device)]
+        )
+        targets = clean[TARGET_TOKENS]
         return {
             **out,
             "reveal_prob": reveal_probability(active_share, next_share),
-            "nelbo_scale": self.num_steps + 1,
-            TARGET_TOKENS: clean[TARGET_TOKENS],
+            "nelbo_weight": weights.double(),
+            TARGET_TOKENS: torch.cat([targets, torch.zeros_like(targets)]),
         }
 
 
-NELBO_KEYS = ("gap_reveals", "reveal_prob", "nelbo_scale", TARGET_TOKENS)
+NELBO_KEYS = ("gap_reveals", "reveal_prob", "nelbo_weight", TARGET_TOKENS)
 
 
 def elastic_nelbo_terms(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence step terms `[B]` (nats) of one `ElasticNELBOCollator` batch: the token CE of the masks and
-    `Σ_gaps l_k(g, m)`. The NELBO estimate of each sequence is `nelbo_scale · (token + gap)`."""
+    `Σ_gaps l_k(g, m)`. The NELBO estimate is `Σ nelbo_weight · (token + gap)` over the copies of a sequence."""
     inputs = {k: v for k, v in batch.items() if k not in NELBO_KEYS and k != "gap_labels"}
     out = model(**inputs, loss_reduction="sequence", output_hidden_states=True, return_logits=False)
     hidden = out.hidden_states  # [T, d]

@@ -83,16 +83,6 @@ class ElasticMDMTrainingArguments(TrainingArguments):
             mask_share=self.token_mask_share,
         )
 
-    def eval_noise_sampler(self) -> NoiseLevelSampler:
-        """`k ~ U{0..K}` of the fixed evaluation schedule: step 0 with probability `1/(K+1)`, else `k ~ U{1..K}`."""
-        steps = self.eval_num_steps
-        return NoiseLevelSampler(
-            families=(RevealSchedule(self.eval_schedule),),
-            min_steps=steps,
-            max_steps=steps,
-            length_share=1 / (steps + 1),
-        )
-
 
 def make_collators(
     args: ElasticMDMTrainingArguments, config
@@ -118,8 +108,8 @@ class ElasticMDMTrainer(Trainer):
 
     * training: `loss = token_loss + λ_gap · gap_loss` from one forward pass; the two terms are logged apart;
     * evaluation: the per-sequence step terms, and the NELBO bound of the K-step process (`eval_num_steps`,
-      `eval_schedule`) as bits per token and a perplexity bound: `(K + 1) · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one
-      `k ~ U{0..K}` per sequence, with the exact gap term of `nelbo.py`; for `objective="mdlm"`, MDLM's bound
+      `eval_schedule`) as bits per token and a perplexity bound: `Σ_gaps l_0 + K · [Σ_masks CE + Σ_gaps l_k(g, m)]`
+      at one `k ~ U{1..K}` per sequence, with the exact gap term of `nelbo.py`; for `objective="mdlm"`, MDLM's bound
       `E_t[(1/t) Σ_masks CE]`. Tokens per sequence: interior tokens + EOS (`n + 1`), the same count for both.
     """
 
@@ -193,7 +183,7 @@ class ElasticMDMTrainer(Trainer):
 def nelbo_metrics(model, loader, args: ElasticMDMTrainingArguments, accelerator) -> dict[str, float]:
     """Mean per-sequence step terms and the NELBO as bits per token and perplexity bound over `loader`.
 
-    Elastic: `(K + 1) · [token CE at step k + Σ_gaps l_k(g, m)]` at one `k ~ U{0..K}` per sequence (`nelbo.py`);
+    Elastic: `Σ_gaps l_0 + K · [token CE at step k + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence (`nelbo.py`);
     MDLM: its continuous-time bound `E_t[(1/t) Σ_masks CE]`. Both are divided by `n + 1` tokens per sequence."""
     model.eval()
     totals = defaultdict(float)
@@ -202,14 +192,13 @@ def nelbo_metrics(model, loader, args: ElasticMDMTrainingArguments, accelerator)
         with accelerator.autocast():
             if args.objective == "elastic":
                 token_loss, gap_loss = elastic_nelbo_terms(model, batch)
-                nelbo = batch["nelbo_scale"] * (token_loss + gap_loss)  # [B] nats per sequence
+                nelbo = batch["nelbo_weight"] * (token_loss + gap_loss)  # [2B] nats: step 0 and step k of each
             else:
                 out = model(**batch, loss_reduction="sequence")
                 token_loss, gap_loss = out.token_loss, out.gap_loss
                 nelbo = token_loss
-        stats = torch.stack(
-            [nelbo.sum(), tokens.sum(), token_loss.sum(), gap_loss.sum(), tokens.new_tensor(len(tokens))]
-        )
+        sequences = (tokens > 0).sum().float()  # the NELBO batches hold each sequence twice, counted once
+        stats = torch.stack([nelbo.sum(), tokens.sum(), token_loss.sum(), gap_loss.sum(), sequences])
         stats = accelerator.reduce(stats.float(), reduction="sum")
         for name, value in zip(("nelbo", "tokens", "token_loss", "gap_loss", "sequences"), stats.tolist(), strict=True):
             totals[name] += value

@@ -113,7 +113,7 @@ def reference(model, x0: list[int], schedule, num_steps: int) -> tuple[float, fl
 
 def estimator_expectation(model, x0: list[int], schedule, num_steps: int) -> float:
     """`E_q[estimator]` of the production code: `elastic_nelbo_terms` on every assignment at every step k, each
-    weighted by `q(assignment)` (the `K + 1` factor and `1 / (K + 1)` of `k ~ U{0..K}` cancel)."""
+    weighted by `q(assignment)` (the weight K and the `1 / K` of `k ~ U{1..K}` cancel; step 0 is taken exactly)."""
     table = schedule.table(num_steps).double()
     n, copies = len(x0) - 2, num_steps + 1
     tokens = torch.tensor(x0 * copies)
@@ -159,7 +159,8 @@ def test_monte_carlo_estimator_averages_to_the_exact_expectation(toy_model) -> N
         batch = collator([{"input_ids": x0}] * 2000)
         with torch.no_grad():
             token, gap = elastic_nelbo_terms(toy_model, batch)
-        estimates.append(batch["nelbo_scale"] * (token + gap))
+        terms = (batch["nelbo_weight"] * (token + gap)).view(2, -1)  # [step 0, step k] of every sequence
+        estimates.append(terms.sum(0))
     estimates = torch.cat(estimates)
     standard_error = float(estimates.std()) / math.sqrt(estimates.numel())
     assert abs(float(estimates.mean()) - expected) < 4 * standard_error
