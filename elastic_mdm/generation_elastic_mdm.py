@@ -73,8 +73,10 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         gap_temperature: Temperature of the gap-count distribution.
         gap_do_sample: Sample gap counts (`True`) or take the most likely count (`False`).
         lock_length: Keep the length the gap head draws at step 0 (the length model) and let later steps only
-            place the remaining positions (`length_lock.py`); `False` is the paper's sampler, which re-draws every
-            gap's count at every step. Both are exact with an oracle model.
+            place the remaining positions (`length_lock.py`; one more device read per step). `False` (default) is the
+            paper's sampler, which re-draws every gap's count at every step. Both are exact with an oracle model.
+            `scripts/train.py` saves `True` with the checkpoints it trains (`--lock_length`, chosen by the
+            length-fidelity ablation of docs/quality.md).
         use_cache: Reuse a sequence's last pass when its input did not change (no fill, no insertion) and the model
             is not time-conditioned, as MDLM's `ddpm_cache`.
         output_trajectory: Return the active sequence of every step (`return_dict_in_generate=True`).

@@ -266,6 +266,8 @@ def build_model_card(
         max_steps=args.max_steps,
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         eval_results={k: round(v, 4) if isinstance(v, float) else v for k, v in eval_results.items()},
+        token_mask_share=args.token_mask_share,
+        lock_length=getattr(generation, "lock_length", False),
         num_steps=getattr(generation, "num_steps", 128),
         schedule=getattr(generation, "schedule", "linear"),
         **values,

@@ -55,7 +55,7 @@ class ModelArguments:
     max_position_embeddings: int = 1024
     time_conditioning: bool = field(default=False, metadata={"help": "Noise level s' conditions the backbone (adaLN)."})
     gap_noise_conditioning: bool = field(
-        default=False, metadata={"help": "Noise level s' conditions the gap head only (step caching stays exact)."}
+        default=True, metadata={"help": "Noise level s' conditions the gap head only (step caching stays exact)."}
     )
     cond_dim: int = 128
     gap_head_type: str = "concat"
@@ -88,6 +88,10 @@ class ReportArguments:
     report_num_samples: int = field(default=0, metadata={"help": "Unconditional samples for the report (0: none)."})
     report_num_steps: int = 64
     report_schedule: str = "linear"
+    lock_length: bool = field(
+        default=True,
+        metadata={"help": "Saved generation config: keep the step-0 length (True) or re-draw gaps every step (False)."},
+    )
     mdlm_gap_budget: int = field(default=16, metadata={"help": "MDLM objective: masks per open gap of a template."})
 
 
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = trainer.model = merge_lora(trainer)
     model.generation_config.num_steps = report_args.report_num_steps
     model.generation_config.schedule = report_args.report_schedule
+    model.generation_config.lock_length = report_args.lock_length
     if merge and is_deepspeed_zero3_enabled():
         save_merged_zero3(trainer, model, tokenizer)
     else:
