@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The ablation and the Elastic-vs-MDLM comparison of docs/quality.md: train each variant of the main job
+# (configs/tiny.yaml, 1500 steps) and score it with benchmarks/quality.py. CPU; about 5-10 minutes per run on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/quality}
+train() {  # name, flags...
+  local name=$1; shift
+  HF_HUB_OFFLINE=1 .venv/bin/python scripts/train.py configs/tiny.yaml --output_dir "$OUT/$name" \
+    --overwrite_output_dir true "$@"
+}
+train A-none-schedule  --gap_noise_conditioning false --token_mask_share schedule
+train B-gaphead-uniform --gap_noise_conditioning true --token_mask_share uniform
+train C-adaln-uniform  --gap_noise_conditioning false --time_conditioning true --token_mask_share uniform
+train D-gaphead-schedule --gap_noise_conditioning true --token_mask_share schedule   # the main job's recipe
+train M-mdlm --objective mdlm --gap_noise_conditioning false --mdlm_gap_budget 16
+HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py "$OUT"/*/ --output "$OUT/quality.jsonl"
