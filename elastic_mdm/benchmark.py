@@ -1,4 +1,4 @@
-"""Sampling and training benchmarks of Elastic-MDM against MDLM on the same backbone (paper §5.1, §5.3; DESIGN §8).
+"""Sampling and training benchmarks of Elastic-MDM against MDLM on the same backbone (paper §5.1, §5.3; design §8).
 
 Sampling: the three samplers run on one backbone, one batch, one horizon K and one schedule:
 
@@ -29,7 +29,7 @@ then `warmup` untimed times, then `repeats` timed times, always with the same se
 medians are reported. On CUDA the clock is read after `torch.cuda.synchronize()`. The oracle's own work (a cummax
 and two one-hot scatters per pass) is included in the Elastic time; it is small next to a backbone pass.
 
-Overhead (DESIGN §8): in eager mode a pass costs ~17 ms on an H100 however short its input is, so the Elastic
+Overhead (design §8): in eager mode a pass costs ~17 ms on an H100 however short its input is, so the Elastic
 savings only show once the per-step overhead is gone. Both samplers read the device once per step; on top of that,
 `static_shape_wrapper` pads every pass to a shape bucket (`cuda_graphs.StaticShapeDenoiser`) or replays it from a
 CUDA graph captured per bucket (`cuda_graphs.CUDAGraphDenoiser`), for Elastic-MDM and MDLM alike, and
@@ -674,7 +674,7 @@ def machine_name(device: torch.device | str) -> str:
 
 def expected_elastic_token_share(schedule: RevealSchedule, num_steps: int) -> float:
     """`Σ_{k=0..K} F(k) / K`: tokens Elastic-MDM encodes without caching relative to MDLM's `K` full passes, for
-    full-length sequences (anchors and caching ignored); e.g. ~0.5 for linear (DESIGN §8)."""
+    full-length sequences (anchors and caching ignored); e.g. ~0.5 for linear (design §8)."""
     return float(schedule.table(num_steps).sum()) / num_steps
 
 

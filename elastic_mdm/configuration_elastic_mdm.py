@@ -1,4 +1,4 @@
-"""Configuration of the Elastic Masked Diffusion Model (DESIGN §4)."""
+"""Configuration of the Elastic Masked Diffusion Model (docs/design.md §4)."""
 
 from __future__ import annotations
 

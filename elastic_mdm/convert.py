@@ -1,4 +1,4 @@
-"""Convert MDLM and LLaDA checkpoints into Elastic-MDM folders (DESIGN §7), streaming one tensor at a time.
+"""Convert MDLM and LLaDA checkpoints into Elastic-MDM folders (docs/design.md §7), streaming one tensor at a time.
 
 The converters read the source `config.json` and weight files themselves (the original remote code predates
 Transformers v5), rename every tensor, add the new modules (gap head; adaLN for a LLaDA model converted with

@@ -1,7 +1,7 @@
 """Text corpora for Elastic-MDM: data arguments, tokenizer set-up, document chunking and dataset loading.
 
 Every example this module produces is one clean sequence `x0 = (BOS, y_1 .. y_n, EOS)` with
-`0 <= n <= max_length - 2` (DESIGN §1), stored as a single `input_ids` column at its natural length (never padded to
+`0 <= n <= max_length - 2` (design §1), stored as a single `input_ids` column at its natural length (never padded to
 a canvas): the features `ElasticMDMCollator` and `MDLMCollator` consume, with `max_length` the model's
 `max_position_embeddings`.
 

@@ -1,4 +1,4 @@
-"""Static shape buckets and CUDA graphs for the denoiser passes of the samplers (DESIGN §8).
+"""Static shape buckets and CUDA graphs for the denoiser passes of the samplers (docs/design.md §8).
 
 A sampling step is one backbone pass and a handful of small kernels. In eager mode the pass costs ~17 ms on an H100
 however short its input is (kernel launches and Python), so the shorter inputs of Elastic-MDM only pay once that

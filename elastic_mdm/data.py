@@ -1,4 +1,4 @@
-"""The Elastic-MDM forward process and the collator that packs training batches (DESIGN §1-2).
+"""The Elastic-MDM forward process and the collator that packs training batches (docs/design.md §1-2).
 
 A clean sequence `x0 = (BOS, y_1..y_n, EOS)` plus any other anchors (prompt, template tokens) is corrupted at a
 pair of reveal levels `(s, s') = (F(k-1), F(k))` with one uniform `u_i` per interior position:

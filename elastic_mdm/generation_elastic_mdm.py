@@ -1,4 +1,4 @@
-"""Sampling for Elastic-MDM (DESIGN §3, the paper's Alg. 1 made exact) and for the MDLM baseline.
+"""Sampling for Elastic-MDM (design §3, the paper's Alg. 1 made exact) and for the MDLM baseline.
 
 `sample_elastic` works on a packed stream: every sequence of the batch keeps its own active length, nothing is
 padded to a canvas. `sample_mdlm` is MDLM's ancestral sampler on a fixed canvas of `max_length` tokens, run through
@@ -89,7 +89,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
             gap are dropped from the result: they are how MDLM writes a value shorter than the budget.
         cuda_graphs: Replay every denoiser pass from a CUDA graph captured per static shape bucket
             (`cuda_graphs.CUDAGraphDenoiser`; the model must be on a CUDA device). Removes the per-pass launch
-            overhead that dominates short passes (DESIGN §8); the first call of each bucket captures its graph.
+            overhead that dominates short passes (design §8); the first call of each bucket captures its graph.
         do_sample, temperature, top_k, top_p: Token sampling, as in Transformers.
         max_new_tokens: How many tokens each input (prompt, template or the unconditional `BOS EOS`) may grow by;
             a sequence that reaches it is flagged in `hit_max_length`. Combines with `max_length` (the smaller
@@ -402,7 +402,7 @@ def sample_elastic(
     progress_bar: bool = False,
     lock_length: bool = False,
 ) -> ElasticMDMGenerateOutput:
-    r"""Elastic-MDM reverse process (DESIGN §3) on a packed batch.
+    r"""Elastic-MDM reverse process (design §3) on a packed batch.
 
     ```
     x <- anchors (+ prompt / template); open gaps may grow
@@ -418,7 +418,7 @@ def sample_elastic(
     last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
     With `lock_length`, the total of the step-0 gap draws is kept and later steps only place it (`length_lock.py`).
 
-    The loop reads the device once per step (DESIGN §8), after the insertion: the number of inserted masks and the
+    The loop reads the device once per step (design §8), after the insertion: the number of inserted masks and the
     size of the next pass. The host then knows every count a step needs: the masks to fill are the masks inserted
     at the previous step (all of them are filled at every pass), and every inserted mask is open.
     """
@@ -697,7 +697,7 @@ class ElasticMDMGenerationMixin:
     ) -> tuple[torch.Tensor, torch.Tensor] | ElasticMDMGenerateOutput:
         r"""Sample sequences with the sampler of the checkpoint's `config.objective`.
 
-        `"elastic"`: `sample_elastic`, variable lengths (DESIGN §3). `"mdlm"`: `sample_mdlm`, MDLM's ancestral
+        `"elastic"`: `sample_elastic`, variable lengths (design §3). `"mdlm"`: `sample_mdlm`, MDLM's ancestral
         sampler on a canvas of `max_length` tokens, through the same packing, step cache and token sampling; a
         sequence ends at its first generated EOS.
 

@@ -1,4 +1,4 @@
-"""Elastic Masked Diffusion Model: packed bidirectional backbone, token head and gap-count head (DESIGN §2, §4).
+"""Elastic Masked Diffusion Model: packed bidirectional backbone, token head and gap-count head (docs/design.md §2, §4).
 
 The model always computes on a *packed* batch: one flat token stream `[tokens]` cut into sequences by
 `cu_seqlens` (`[batch + 1]`, int32, starting at 0). Positions (RoPE) restart at 0 in every sequence; attention
@@ -560,7 +560,7 @@ def reduce_cross_entropy(
 class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedModel):
     """Elastic-MDM: backbone + token head `p_θ(x | x_k)` + gap-count head `p_φ(g | h_a, h_b)` + the sampler.
 
-    Training loss of one forward pass (DESIGN §2):
+    Training loss of one forward pass (docs/design.md §2):
     `L = mean_{masks} -log p_θ(x0_i | x_k) + λ_gap · mean_{adjacent pairs} -log p_φ(g_ab | h_a, h_b)`.
     """
 

@@ -1,4 +1,4 @@
-"""Reveal schedules `F(k)` and the training-time schedule randomisation (DESIGN §1-2, paper §4.4, App. D).
+"""Reveal schedules `F(k)` and the training-time schedule randomisation (docs/design.md §1-2, paper §4.4, App. D).
 
 `F : {0..K} -> [0, 1]` is the share of interior positions active (clean or mask) at reverse step `k`;
 `F(0) = 0`, `F(K) = 1`, nondecreasing. In the paper's notation `F(k) = α_{K-k}`.

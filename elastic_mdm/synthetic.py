@@ -10,7 +10,7 @@ order).
 The tokenizer is a small byte-level BPE (no prefix space, so decoding is exact) whose pre-tokenizer first splits
 off runs of JSON structural characters (`STRUCTURAL_RUN`): no token ever spans the boundary between structure and
 a value, so tokenizing a record equals concatenating the tokenizations of its structural pieces and of its values.
-That is what makes templates (paper §5.4, DESIGN §5) line up with real data: a template is `BOS` + structural
+That is what makes templates (paper §5.4, docs/design.md §5) line up with real data: a template is `BOS` + structural
 pieces + `EOS` with one `[MASK]` per value, each mask marking one open gap of variable length (see
 `parse_template` in `generation_elastic_mdm.py`).
 

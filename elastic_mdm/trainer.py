@@ -1,6 +1,6 @@
 """Training Elastic-MDM (and the MDLM baseline on the same backbone) with the Transformers `Trainer`.
 
-One forward pass per batch gives both loss terms of DESIGN §2; `token_loss` and `gap_loss` are logged next to
+One forward pass per batch gives both loss terms of design §2; `token_loss` and `gap_loss` are logged next to
 their sum. Evaluation reports the NELBO of a fixed K-step process as bits per token and a perplexity bound.
 """
 
@@ -28,7 +28,7 @@ OBJECTIVES = ("elastic", "mdlm")
 class ElasticMDMTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the diffusion knobs (paper §4.4)."""
 
-    objective: str = field(default="elastic", metadata={"help": "'elastic' (DESIGN §2) or 'mdlm' (fixed canvas)."})
+    objective: str = field(default="elastic", metadata={"help": "'elastic' (design §2) or 'mdlm' (fixed canvas)."})
     schedule_families: list[str] = field(
         default_factory=lambda: ["linear", "cosine", "exponential", "p-linear"],
         metadata={"help": "Schedule families drawn per example."},

@@ -35,7 +35,7 @@ case $part in
         --attn_implementation varlen_attn --cuda_graphs --skip training --output "$out/tiny_graphs.md"
     ;;
   b1)
-    # eager: ~20 ms per pass whatever its length (DESIGN §8), so one timed run after the counted one
+    # eager: ~20 ms per pass whatever its length (docs/design.md §8), so one timed run after the counted one
     bench --batch_size 1 --schedule linear exponential --skip training --warmup 0 --repeats 1 \
         --output "$out/h100_eager_b1.md"
     bench --batch_size 1 --schedule linear exponential --skip training --cuda_graphs --warmup 1 --repeats 3 \

@@ -1,4 +1,4 @@
-"""Tests of the Elastic-MDM backbone and heads (DESIGN §2, §4, §6).
+"""Tests of the Elastic-MDM backbone and heads (docs/design.md §2, §4, §6).
 
 Tiny models (vocab 64, hidden 32, 2 layers, 4 heads, 64 positions) of every block flavour, with all weights
 perturbed away from their (partly zero) initialisation so that adaLN, attention and both heads really act.
