@@ -114,7 +114,7 @@ def load_checkpoint(
     if trust_remote_code:
         from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(path, trust_remote_code=True, **kwargs)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     else:
         from .modeling_elastic_mdm import ElasticMDMForDiffusionLM
 
