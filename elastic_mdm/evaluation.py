@@ -614,7 +614,9 @@ def sample_report(
     samples = draw_samples(model, tokenizer, num_samples, batch_size=batch_size, generator=generator, **generate_kwargs)
     generated = samples.lengths
     report = {"num_samples": num_samples, **length_report(generated, data_lengths)}
-    report["capped"] = round(float(samples.hit_max_length.double().mean()), 4)
+    steps = generate_kwargs.get("num_steps", model.generation_config.num_steps)
+    schedule = generate_kwargs.get("schedule", model.generation_config.schedule)
+    report["length_row"] = sweep_row(schedule, steps, generated, data_lengths, samples.hit_max_length)
     if schemas:
         report["json_validity"] = json_validity(samples.texts, schemas)
     if structured_tasks:

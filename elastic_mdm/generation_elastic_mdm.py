@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 from .cuda_graphs import CUDAGraphDenoiser
 from .length_lock import locked_insertions
 from .packing import PackedSequences, cu_seqlens_from_lengths
-from .schedules import RevealSchedule, get_schedule, reveal_probability
+from .schedules import RevealSchedule, get_schedule, reveal_probability, sample_binomial
 
 MAX_NUM_STEPS = 65536
 """Largest `num_steps` K. The samplers keep `F(0..K)` on the host and run K + 1 steps whatever happens in them (a
@@ -213,22 +213,6 @@ def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.G
     probs = torch.softmax(logits.float(), dim=-1)
     race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)
-
-
-def expected_count(logits: torch.Tensor) -> torch.Tensor:
-    """`E[g] = Σ_g g · softmax(logits)_g` per row `[rows]`."""
-    classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
-    return torch.softmax(logits.float(), dim=-1) @ classes
-
-
-def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
-    """`m ~ Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
-    if prob >= 1.0:
-        return count
-    if prob <= 0.0:
-        return torch.zeros_like(count)
-    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
-    return torch.binomial(count.float(), p, generator=generator).long()
 
 
 def insert_masks(
@@ -460,9 +444,7 @@ def sample_elastic(
         gap_logits = denoiser.gap_logits(hidden, open_rows, reveal[k]).float() / gap_temperature  # [open, G + 1]
         gaps = sample_categorical(gap_logits, gap_do_sample, generator)
         if lock_length:  # the step-0 total stays; the gap head only places it (one more read)
-            counts, remaining = locked_insertions(
-                gaps, expected_count(gap_logits), owners, remaining, q, batch, generator
-            )
+            counts, remaining = locked_insertions(gaps, gap_logits, owners, remaining, q, batch, generator)
         else:
             counts = sample_binomial(gaps, q, generator)  # [open]
         growth = Growth.of(state.lengths, owners, counts, dirty)  # the step's one read

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .schedules import sample_binomial
+
 
 def per_sequence_sum(values: torch.Tensor, owners: torch.Tensor, batch: int) -> torch.Tensor:
     """`[B]` sums of `values` `[rows]` grouped by `owners` `[rows]`."""
@@ -59,17 +61,15 @@ def pick_one_gap(weights: torch.Tensor, owners: torch.Tensor, batch: int, genera
     return race == best[owners]
 
 
-def binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
-    """`Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
-    if prob >= 1.0 or prob <= 0.0:
-        return count if prob >= 1.0 else torch.zeros_like(count)
-    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
-    return torch.binomial(count.float(), p, generator=generator).long()
+def expected_count(logits: torch.Tensor) -> torch.Tensor:
+    """`E[g] = Σ_g g · softmax(logits)_g` per row `[rows]`."""
+    classes = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.float32)
+    return torch.softmax(logits.float(), dim=-1) @ classes
 
 
 def locked_insertions(
     gaps: torch.Tensor,  # [open] g_j drawn from the gap head
-    expected: torch.Tensor,  # [open] E_φ[g_j], where a remainder goes at the last step
+    gap_logits: torch.Tensor,  # [open, G + 1] the draws' logits; E_φ[g_j] places a remainder at the last step
     owners: torch.Tensor,  # [open] sequence of each open gap (sorted)
     remaining: torch.Tensor | None,  # [B] positions still to reveal (None at step 0)
     reveal_share: float,  # q_k
@@ -82,10 +82,11 @@ def locked_insertions(
     slots = per_sequence_sum(gaps, owners, batch)  # [B]
     if remaining is None:
         remaining = slots
-    totals = binomial(remaining, reveal_share, generator)  # [B] M_b ~ Binomial(R_b, q_k)
+    totals = sample_binomial(remaining, reveal_share, generator)  # [B] M_b ~ Binomial(R_b, q_k)
     if reveal_share >= 1.0:  # the last step: everything left goes in, a shortfall into one gap
         shortfall = (remaining - slots).clamp_min(0)
-        gaps = gaps + shortfall[owners] * pick_one_gap(expected.double() + 1e-6, owners, batch, generator)
+        weights = expected_count(gap_logits).double() + 1e-6  # [open]
+        gaps = gaps + shortfall[owners] * pick_one_gap(weights, owners, batch, generator)
     else:
         totals = torch.minimum(totals, slots)
     width = int(gaps.max()) if gaps.numel() else 0

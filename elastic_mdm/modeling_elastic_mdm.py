@@ -313,7 +313,7 @@ class ElasticMDMGapHead(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.pair = config.gap_head_type
-        conditioned = getattr(config, "gap_noise_conditioning", False)
+        conditioned = config.gap_noise_conditioning
         self.time_embed = ElasticMDMTimestepEmbedder(config) if conditioned else None
         pair_dim = 2 * d if self.pair == "concat" else d
         self.dense = nn.Linear(pair_dim + (config.cond_dim if conditioned else 0), d)

@@ -293,21 +293,14 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
     result["length_sweep"] = length_sweep(
         model, tokenizer, data_lengths, num_samples=report_args.report_num_samples, steps=[1],
         schedules=[report_args.report_schedule], seed=training_args.seed,
-    ) + [report_row(result, report_args)]  # fmt: skip
+    ) + [result["length_row"]]  # fmt: skip
     print("\nLength model alone (K = 1) next to the report's K:")
     print(markdown_table(result["length_sweep"]))
-    skip = ("table", "length_sweep")
+    skip = ("table", "length_sweep", "length_row")
     summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k not in skip}
     print(json.dumps(summary, indent=1))
     print(f"histogram: {result['histogram_png']}; checkpoint: {training_args.output_dir}")
     return result
-
-
-def report_row(result: dict, report_args: ReportArguments) -> dict:
-    """The report's own samples as a row of `length_sweep`."""
-    keys = dict(mean="generated_mean", data_mean="data_mean", tv="total_variation", w1="wasserstein1", ks="ks")
-    row = {"schedule": report_args.report_schedule, "K": report_args.report_num_steps}
-    return {**row, **{name: round(result[key], 3) for name, key in keys.items()}, "capped": result["capped"]}
 
 
 if __name__ == "__main__":

@@ -383,7 +383,9 @@ def test_synthetic_anchored_structure(tokenizer) -> None:
     train, _ = load_datasets(args, tokenizer, max_length=80, seed=3)
     plain, _ = load_datasets(
         DataArguments(dataset_name="synthetic-json", num_synthetic_records=200, num_synthetic_eval_records=8),
-        tokenizer, max_length=80, seed=3,
+        tokenizer,
+        max_length=80,
+        seed=3,
     )
     assert train[:]["input_ids"] == plain[:]["input_ids"]
     anchored = [any(mask) for mask in train[:]["anchor_mask"]]

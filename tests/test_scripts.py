@@ -194,8 +194,18 @@ def test_train_script_mdlm_objective_reports(tmp_path: Path) -> None:
     """The MDLM baseline through the same entry point: its sampler, and templates with a gap budget (too-long
     templates count as failures, not errors)."""
     metrics = load_script("train").main(
-        ["configs/tiny.yaml", "--objective", "mdlm", "--output_dir", str(tmp_path), "--report_num_samples", "8",
-         "--report_num_steps", "4", *QUICK]  # fmt: skip
+        [
+            "configs/tiny.yaml",
+            "--objective",
+            "mdlm",
+            "--output_dir",
+            str(tmp_path),
+            "--report_num_samples",
+            "8",
+            "--report_num_steps",
+            "4",
+            *QUICK,
+        ]  # fmt: skip
     )
     assert metrics["eval_nelbo_bits_per_token"] > 0 and metrics["report"]["num_samples"] == 8
     assert metrics["report"]["templates_too_long"] >= 1  # 16 masks per gap do not fit the 80-token canvas for all
