@@ -529,13 +529,14 @@ def fill_templates(
     per_call = max(1, batch_size // num_per_template)
     texts = []
     for start in range(0, len(templates), per_call):
-        sequences, lengths = model.generate(
+        out = model.generate(
             template_ids=[list(t) for t in templates[start : start + per_call]],
             num_return_sequences=num_per_template,
             generator=generator,
+            return_dict_in_generate=True,
             **generate_kwargs,
         )
-        texts += decode_samples(tokenizer, sequences, lengths)[1]
+        texts += decode_samples(tokenizer, out.sequences, out.lengths)[1]
     return texts
 
 

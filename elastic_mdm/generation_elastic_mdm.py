@@ -676,7 +676,7 @@ class ElasticMDMGenerationMixin:
         seed: int | None = None,
         return_dict_in_generate: bool | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor] | ElasticMDMGenerateOutput:
+    ) -> torch.LongTensor | ElasticMDMGenerateOutput:
         r"""Sample sequences with the sampler of the checkpoint's `config.objective`.
 
         `"elastic"`: `sample_elastic`, variable lengths (design §3). `"mdlm"`: `sample_mdlm`, MDLM's ancestral
@@ -696,8 +696,9 @@ class ElasticMDMGenerationMixin:
         `bad_words_ids`, `num_return_sequences`, ...); Transformers fields without a diffusion meaning raise.
         `generator` (or `seed`) drives every random draw.
 
-        Returns `(sequences, lengths)`: `[batch, max_len]` padded with `pad_token_id` (EOS if unset) and `[batch]`,
-        or an `ElasticMDMGenerateOutput` with `return_dict_in_generate=True`.
+        Returns the token ids `[batch, longest]` (`BOS .. EOS`, anchors included) padded with `pad_token_id` (EOS if
+        unset), as every Transformers `generate`; with `return_dict_in_generate=True` an `ElasticMDMGenerateOutput`
+        that adds the true `lengths`, `hit_max_length`, `num_passes`, `tokens_processed` and the trajectory.
         """
         config = self._resolve_generation_config(generation_config, kwargs)
         if return_dict_in_generate is None:
@@ -748,7 +749,7 @@ class ElasticMDMGenerationMixin:
             output = merge_outputs(parts, len(input_lengths), pad)
         if return_dict_in_generate:
             return output
-        return output.sequences, output.lengths
+        return output.sequences
 
     # -- helpers ----------------------------------------------------------------------------------------------
 

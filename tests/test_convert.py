@@ -601,7 +601,8 @@ REMOTE_SCRIPT = textwrap.dedent(
         ids, cu = torch.load(root + "/" + name + "_inputs.pt")
         with torch.no_grad():
             logits = model(ids, cu_seqlens=cu).logits
-        sequences, lengths = model.generate(num_return_sequences=2, num_steps=4, seed=0)
+        out = model.generate(num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+        sequences, lengths = out.sequences, out.lengths
         torch.save({"logits": logits, "sequences": sequences, "lengths": lengths}, root + "/" + name + "_remote.pt")
         report[name] = type(model).__module__
     tokenizer = AutoTokenizer.from_pretrained(root + "/llada", trust_remote_code=True)

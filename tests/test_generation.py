@@ -350,7 +350,8 @@ def check_valid(sequences: torch.Tensor, lengths: torch.Tensor, bos: int = BOS, 
 
 
 def test_unconditional(model) -> None:
-    sequences, lengths = model.generate(num_return_sequences=6, num_steps=8, seed=0)
+    out = model.generate(num_return_sequences=6, num_steps=8, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     assert sequences.shape[0] == 6
     check_valid(sequences, lengths)
     assert len(set(lengths.tolist())) > 1, "lengths should vary"
@@ -379,9 +380,21 @@ def test_return_dict_and_trajectory(model) -> None:
     assert 1 <= out.num_passes <= num_steps + 1 and out.tokens_processed > 0
 
 
+def test_default_return_is_padded_token_ids(model) -> None:
+    """As every Transformers `generate`: a LongTensor `[batch, longest]` padded with `pad_token_id`; the lengths and
+    the rest come with `return_dict_in_generate=True`."""
+    ids = model.generate(num_return_sequences=4, num_steps=8, seed=0)
+    out = model.generate(num_return_sequences=4, num_steps=8, seed=0, return_dict_in_generate=True)
+    assert isinstance(ids, torch.Tensor) and ids.dtype == torch.long and torch.equal(ids, out.sequences)
+    assert ids.shape == (4, int(out.lengths.max()))
+    for row, n in zip(ids, out.lengths.tolist(), strict=True):
+        assert row[n - 1] == EOS and (row[n:] == PAD).all()
+
+
 def test_prompt_is_kept_as_prefix(model) -> None:
     prompts = [[BOS, 5, 6, 7], [BOS, 8], [BOS]]
-    sequences, lengths = model.generate(prompts, num_return_sequences=2, num_steps=6, seed=0)
+    out = model.generate(prompts, num_return_sequences=2, num_steps=6, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     assert sequences.shape[0] == 6
     check_valid(sequences, lengths)
     for i, (row, length) in enumerate(zip(sequences, lengths.tolist(), strict=True)):
@@ -394,9 +407,9 @@ def test_padded_prompt_tensor_matches_list(model) -> None:
     prompts = [[BOS, 5, 6, 7], [BOS, 8]]
     ids = torch.tensor([[BOS, 5, 6, 7], [PAD, PAD, BOS, 8]])  # left padding
     mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
-    a = model.generate(prompts, num_steps=5, seed=3)
-    b = model.generate(ids, attention_mask=mask, num_steps=5, seed=3)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    a = model.generate(prompts, num_steps=5, seed=3, return_dict_in_generate=True)
+    b = model.generate(ids, attention_mask=mask, num_steps=5, seed=3, return_dict_in_generate=True)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.lengths, b.lengths)
 
 
 def test_template_keeps_anchors_and_grows_open_gaps_only(model) -> None:
@@ -404,7 +417,10 @@ def test_template_keeps_anchors_and_grows_open_gaps_only(model) -> None:
     template = [BOS, 5, MASK, 6, 7, MASK, EOS]
     grown = 0
     for seed in range(4):
-        sequences, lengths = model.generate(template_ids=[template], num_return_sequences=4, num_steps=8, seed=seed)
+        out = model.generate(
+            template_ids=[template], num_return_sequences=4, num_steps=8, seed=seed, return_dict_in_generate=True
+        )
+        sequences, lengths = out.sequences, out.lengths
         check_valid(sequences, lengths)
         for row, length in zip(sequences, lengths.tolist(), strict=True):
             seq = row[:length].tolist()
@@ -417,7 +433,8 @@ def test_template_keeps_anchors_and_grows_open_gaps_only(model) -> None:
 
 def test_template_without_open_gap_is_returned_unchanged(model) -> None:
     template = [BOS, 5, 6, EOS]
-    sequences, lengths = model.generate(template_ids=torch.tensor([template]), num_steps=4, seed=0)
+    out = model.generate(template_ids=torch.tensor([template]), num_steps=4, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     assert lengths.tolist() == [4] and sequences[0].tolist() == template
 
 
@@ -435,7 +452,10 @@ def test_max_length_cap(wild_model) -> None:
 
 def test_max_length_cap_with_prompt(wild_model) -> None:
     prompt = [BOS, 5, 6, 7, 8]
-    sequences, lengths = wild_model.generate([prompt], num_return_sequences=3, num_steps=4, max_length=9, seed=0)
+    out = wild_model.generate(
+        [prompt], num_return_sequences=3, num_steps=4, max_length=9, seed=0, return_dict_in_generate=True
+    )
+    sequences, lengths = out.sequences, out.lengths
     assert (lengths <= 9).all()
     for row in sequences:
         assert row[:5].tolist() == prompt
@@ -445,10 +465,9 @@ def test_same_seed_same_output(model) -> None:
     a = model.generate(num_return_sequences=4, num_steps=8, seed=7)
     b = model.generate(num_return_sequences=4, num_steps=8, seed=7)
     c = model.generate(num_return_sequences=4, num_steps=8, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert torch.equal(a, b) and torch.equal(a, c)
     d = model.generate(num_return_sequences=4, num_steps=8, seed=8)
-    assert not (d[0].shape == a[0].shape and torch.equal(d[0], a[0]))
+    assert not (d.shape == a.shape and torch.equal(d, a))
 
 
 def test_sampling_options_run(model) -> None:
@@ -462,12 +481,14 @@ def test_sampling_options_run(model) -> None:
         dict(schedule="clipped", schedule_kwargs=dict(beta=0.2, omega=0.8)),
         dict(progress_bar=False, use_cache=False),
     ):
-        sequences, lengths = model.generate(num_return_sequences=3, num_steps=5, seed=0, **options)
+        out = model.generate(num_return_sequences=3, num_steps=5, seed=0, **options, return_dict_in_generate=True)
+        sequences, lengths = out.sequences, out.lengths
         check_valid(sequences, lengths)
 
 
 def test_greedy_tokens(model) -> None:
-    sequences, lengths = model.generate(num_steps=5, seed=0, do_sample=False)
+    out = model.generate(num_steps=5, seed=0, do_sample=False, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     check_valid(sequences, lengths)
 
 
@@ -485,7 +506,7 @@ def test_generation_config_object(model) -> None:
     out = model.generate(generation_config=config, seed=0, return_dict_in_generate=True, output_trajectory=True)
     assert len(out.trajectory) == 3 + 2 and out.sequences.shape[0] == 2
     via_kwargs = model.generate(num_steps=3, schedule="cosine", num_return_sequences=2, seed=0)
-    assert torch.equal(out.sequences, via_kwargs[0])
+    assert torch.equal(out.sequences, via_kwargs)
 
 
 def test_plain_generation_config_keeps_model_defaults(wild_model) -> None:
@@ -498,9 +519,11 @@ def test_plain_generation_config_keeps_model_defaults(wild_model) -> None:
         config = GenerationConfig(num_steps=1, gap_do_sample=False)
         assert config.do_sample is None
         passed = wild_model.generate(prompts, generation_config=config, seed=seed)
-        expected = wild_model.generate(prompts, num_steps=1, gap_do_sample=False, seed=seed)
-        assert expected[1].min() > 10  # greedy gaps of the untamed model: many tokens are sampled
-        assert torch.equal(passed[0], expected[0])
+        expected = wild_model.generate(
+            prompts, num_steps=1, gap_do_sample=False, seed=seed, return_dict_in_generate=True
+        )
+        assert expected.lengths.min() > 10  # greedy gaps of the untamed model: many tokens are sampled
+        assert torch.equal(passed, expected.sequences)
 
 
 def test_greedy_everything_is_deterministic(model) -> None:
@@ -508,17 +531,19 @@ def test_greedy_everything_is_deterministic(model) -> None:
     prompts = [[BOS, 5], [BOS, 6, 7]]
     a = model.generate(prompts, num_steps=1, gap_do_sample=False, do_sample=False, seed=0)
     b = model.generate(prompts, num_steps=1, gap_do_sample=False, do_sample=False, seed=99)
-    assert torch.equal(a[0], b[0])
+    assert torch.equal(a, b)
     # top_k = 1 sampling is greedy decoding
     c = model.generate(prompts, num_steps=1, gap_do_sample=False, top_k=1, seed=5)
-    assert torch.equal(a[0], c[0])
+    assert torch.equal(a, c)
 
 
 def test_bos_equal_eos_gpt2_style() -> None:
     model = build_model(bos_token_id=EOS, eos_token_id=EOS, pad_token_id=None)
-    sequences, lengths = model.generate(num_return_sequences=3, num_steps=6, seed=0)
+    out = model.generate(num_return_sequences=3, num_steps=6, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     check_valid(sequences, lengths, bos=EOS, eos=EOS, pad=EOS)  # pad falls back to EOS
-    sequences, lengths = model.generate([[EOS, 5, 6]], num_return_sequences=2, num_steps=4, seed=0)
+    out = model.generate([[EOS, 5, 6]], num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     check_valid(sequences, lengths, bos=EOS, eos=EOS, pad=EOS)
     assert (sequences[:, :3] == torch.tensor([EOS, 5, 6])).all()
 
@@ -590,7 +615,8 @@ def test_time_conditioned_model_never_caches() -> None:
 @pytest.mark.parametrize("block_type", ["dit", "llama"])
 def test_generate_on_both_block_types(block_type: str) -> None:
     model = build_model(block_type=block_type, adaln=block_type == "llama", time_conditioning=True)
-    sequences, lengths = model.generate(num_return_sequences=2, num_steps=4, seed=0)
+    out = model.generate(num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     check_valid(sequences, lengths)
 
 

@@ -526,7 +526,8 @@ REMOTE_SCRIPT = textwrap.dedent(
         model = AutoModel.from_pretrained(path, trust_remote_code=True)
         with torch.no_grad():
             out = model(ids, cu_seqlens=cu, noise_level=noise)
-        sequences, lengths = model.generate(num_return_sequences=2, num_steps=4, seed=0)
+        gen = model.generate(num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+        sequences, lengths = gen.sequences, gen.lengths
         torch.save(
             {"logits": out.logits, "gap_logits": out.gap_logits, "sequences": sequences, "lengths": lengths},
             out_dir + "/" + name + "_remote.pt",
@@ -577,7 +578,8 @@ def test_remote_code_round_trip(tmp_path: Path, isolated_python) -> None:
             assert row[0] == BOS and row[length - 1] == EOS
             assert not (row[:length] == MASK).any()
         # same code, same weights, same seed: the in-process sampler draws the same sequences
-        local_sequences, local_lengths = local.generate(num_return_sequences=2, num_steps=4, seed=0)
+        out = local.generate(num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+        local_sequences, local_lengths = out.sequences, out.lengths
         assert torch.equal(local_lengths, lengths) and torch.equal(local_sequences, sequences)
     # the saved generation config travels with the remote code too
     assert all(report[v]["generation_num_steps"] == 7 for v in variants), report

@@ -170,9 +170,11 @@ def test_sampler_draws_x0_with_the_enumerated_probability(toy_model) -> None:
     x0, schedule, num_steps = [BOS, B, B, EOS], "linear", 3  # about a quarter of the samples
     nll, _, _ = reference(toy_model, x0, get_schedule(schedule), num_steps)
     draws = 4000
-    sequences, lengths = toy_model.generate(
-        num_return_sequences=draws, num_steps=num_steps, schedule=schedule, seed=0, use_cache=False
+    out = toy_model.generate(
+        num_return_sequences=draws, num_steps=num_steps, schedule=schedule, seed=0, use_cache=False,
+        return_dict_in_generate=True,
     )
+    sequences, lengths = out.sequences, out.lengths
     hits = sum(list(map(int, seq[:length])) == x0 for seq, length in zip(sequences, lengths, strict=True))
     p = math.exp(-nll)
     assert p > 0.1  # the check has power

@@ -88,7 +88,8 @@ def assert_saved_and_loadable(output: Path) -> None:
     from elastic_mdm import ElasticMDMForDiffusionLM
 
     model = ElasticMDMForDiffusionLM.from_pretrained(output)
-    sequences, lengths = model.generate(num_return_sequences=2, num_steps=4, seed=0)
+    out = model.generate(num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     assert sequences.shape[0] == 2 and bool((lengths >= 2).all())
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -153,7 +154,8 @@ RELOAD_AND_GENERATE = """
 import sys
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-sequences, lengths = model.generate(num_return_sequences=2, num_steps=4, seed=0)
+out = model.generate(num_return_sequences=2, num_steps=4, seed=0, return_dict_in_generate=True)
+sequences, lengths = out.sequences, out.lengths
 assert not any("lora" in name for name, _ in model.named_parameters())
 print("LENGTHS=" + ",".join(map(str, lengths.tolist())))
 """

@@ -120,7 +120,8 @@ from transformers import AutoModel, AutoTokenizer
 path = sys.argv[1]
 model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(path)
-sequences, lengths = model.generate(num_return_sequences=3, num_steps=8, seed=0)
+out = model.generate(num_return_sequences=3, num_steps=8, seed=0, return_dict_in_generate=True)
+sequences, lengths = out.sequences, out.lengths
 assert model.config.objective == "elastic"
 for row, n in zip(sequences, lengths.tolist()):
     assert row[0] == tokenizer.bos_token_id and row[n - 1] == tokenizer.eos_token_id

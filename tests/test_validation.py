@@ -129,7 +129,8 @@ def test_suppress_tokens_and_single_token_bad_words_are_never_sampled(model) -> 
     allowed = {BOS, EOS, 10}
     banned = [t for t in range(VOCAB) if t not in allowed and t != MASK]
     for kwargs in ({"suppress_tokens": banned + [MASK]}, {"bad_words_ids": [[t] for t in banned + [MASK]]}):
-        sequences, lengths = model.generate(num_return_sequences=8, num_steps=8, seed=0, **kwargs)
+        out = model.generate(num_return_sequences=8, num_steps=8, seed=0, **kwargs, return_dict_in_generate=True)
+        sequences, lengths = out.sequences, out.lengths
         tokens = {t for row, n in zip(sequences, lengths, strict=True) for t in row[:n].tolist()}
         assert int(lengths.max()) > 2 and tokens <= allowed
 
