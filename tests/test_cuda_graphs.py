@@ -184,5 +184,6 @@ def test_cuda_graph_replay_matches_eager(dtype, attn: str) -> None:
         plain = setup.run(variant)
         graphed = setup.run(variant, lambda d: cached.setdefault(id(d), CUDAGraphDenoiser(d, PAD, granularity=16)))
         assert torch.equal(plain.sequences, graphed.sequences) and torch.equal(plain.lengths, graphed.lengths)
-    sequences, lengths = model.generate(num_return_sequences=3, num_steps=8, seed=0, cuda_graphs=True)
+    out = model.generate(num_return_sequences=3, num_steps=8, seed=0, cuda_graphs=True, return_dict_in_generate=True)
+    sequences, lengths = out.sequences, out.lengths
     assert sequences.shape[0] == 3 and (lengths >= 2).all()
