@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,7 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
 from .cuda_graphs import CUDAGraphDenoiser
@@ -385,6 +387,7 @@ def sample_elastic(
     output_trajectory: bool = False,
     progress_bar: bool = False,
     lock_length: bool = False,
+    on_draft: Callable[[ActiveState], None] | None = None,
 ) -> ElasticMDMGenerateOutput:
     r"""Elastic-MDM reverse process (design §3) on a packed batch.
 
@@ -401,6 +404,8 @@ def sample_elastic(
     `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
     last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
     With `lock_length`, the total of the step-0 gap draws is kept and later steps only place it (`length_lock.py`).
+    `on_draft(state)`, when given, sees the state of every step that runs a pass, after its fill and before its
+    insertion: every active token is then clean (a step fills all the masks the step before inserted).
 
     The loop reads the device once per step (design §8), after the insertion: the number of inserted masks and the
     size of the next pass. The host then knows every count a step needs: the masks to fill are the masks inserted
@@ -435,6 +440,8 @@ def sample_elastic(
         mask_rows = rows_where(state.tokens == mask_token_id, num_masks)
         fill_tokens(denoiser, hidden, state, mask_rows, dirty, token_processors, do_sample, generator)
         num_masks = 0
+        if on_draft is not None:
+            on_draft(state)
         if not grows:
             work = None if use_cache else work
             continue
@@ -507,6 +514,7 @@ def sample_mdlm(
     generator: torch.Generator | None = None,
     output_trajectory: bool = False,
     progress_bar: bool = False,
+    on_draft: Callable[[ActiveState], None] | None = None,
 ) -> ElasticMDMGenerateOutput:
     r"""MDLM's ancestral (DDPM) sampler on a fixed canvas, the baseline of Elastic-MDM, on a packed batch.
 
@@ -540,6 +548,7 @@ def sample_mdlm(
     with none, the length is `L` and `hit_max_length` is set. Templates keep every anchor and every generated token
     except the pad / EOS tokens inside a gap; `hit_max_length` flags a template with a gap that used its whole budget
     (its value may be cut). `trajectory[k]` (`k = 0..K`) is the canvas fed to step `k`, `trajectory[K]` the final one.
+    `on_draft(canvas)`, when given, sees the canvas after the fill of every step (unrevealed positions still masks).
     """
     canvas, template_lengths = mdlm_canvas(state, max_length, mask_token_id, pad_token_id, gap_budget)
     generated = canvas.tokens == mask_token_id  # [B * L] positions the model writes
@@ -567,6 +576,8 @@ def sample_mdlm(
         rows = mask_rows[rows_where(revealed, num_revealed)]  # [R]
         fill_tokens(denoiser, hidden, canvas, rows, dirty, token_processors, do_sample, generator)
         num_masks -= num_revealed
+        if on_draft is not None:
+            on_draft(canvas)
 
     if output_trajectory:
         trajectory.append(canvas.split())
@@ -675,6 +686,7 @@ class ElasticMDMGenerationMixin:
         generator: torch.Generator | None = None,
         seed: int | None = None,
         return_dict_in_generate: bool | None = None,
+        streamer: BaseStreamer | None = None,
         **kwargs,
     ) -> torch.LongTensor | ElasticMDMGenerateOutput:
         r"""Sample sequences with the sampler of the checkpoint's `config.objective`.
@@ -696,11 +708,18 @@ class ElasticMDMGenerationMixin:
         `bad_words_ids`, `num_return_sequences`, ...); Transformers fields without a diffusion meaning raise.
         `generator` (or `seed`) drives every random draw.
 
+        `streamer` (any Transformers `BaseStreamer`, e.g. `TextStreamer` or `TextDiffusionStreamer`) follows the
+        run as DiffusionGemma's `generate` feeds it (see `DraftStream`): `put(prefix)` first (each input up to its
+        first open gap: the prompt, `BOS` alone, or a template's head), `put_draft(draft)` at every step that runs a
+        pass when the streamer has `put_draft`, `put(rest)` with the final tokens after the prefix, then `end()`.
+        Streaming reads each draft back from the device; the random draws, and so the samples, do not change.
+
         Returns the token ids `[batch, longest]` (`BOS .. EOS`, anchors included) padded with `pad_token_id` (EOS if
         unset), as every Transformers `generate`; with `return_dict_in_generate=True` an `ElasticMDMGenerateOutput`
         that adds the true `lengths`, `hit_max_length`, `num_passes`, `tokens_processed` and the trajectory.
         """
         config = self._resolve_generation_config(generation_config, kwargs)
+        check_streamer(streamer)
         if return_dict_in_generate is None:
             return_dict_in_generate = bool(config.return_dict_in_generate)
         max_length = self._generation_max_length(config)
@@ -727,26 +746,31 @@ class ElasticMDMGenerationMixin:
             progress_bar=config.progress_bar,
         )
         denoiser = self._cuda_graph_denoiser(pad) if config.cuda_graphs else self
+        stream = DraftStream(streamer, state, pad) if streamer is not None else None
 
-        def run(part: ActiveState, cap: int) -> ElasticMDMGenerateOutput:
+        def run(part: ActiveState, cap: int, rows: list[int]) -> ElasticMDMGenerateOutput:
+            on_draft = stream.drafter(rows) if stream is not None else None
             if self.config.objective == "mdlm":
                 budget = self._mdlm_gap_budget(config, template_ids is not None)
                 return sample_mdlm(
-                    denoiser, part, eos_token_id=self.config.eos_token_id, gap_budget=budget,
+                    denoiser, part, eos_token_id=self.config.eos_token_id, gap_budget=budget, on_draft=on_draft,
                     **{**common, "max_length": cap},
                 )  # fmt: skip
             return sample_elastic(
                 denoiser, part, gap_temperature=config.gap_temperature, gap_do_sample=config.gap_do_sample,
-                lock_length=config.lock_length,
+                lock_length=config.lock_length, on_draft=on_draft,
                 **{**common, "max_length": cap},
             )  # fmt: skip
 
         groups = rows_by_cap(self._length_caps(config, input_lengths, max_length))
         if len(groups) == 1:
-            output = run(state, next(iter(groups)))
+            cap, rows = next(iter(groups.items()))
+            output = run(state, cap, rows)
         else:  # max_new_tokens with inputs of different lengths: one sampler run per length cap
-            parts = [(rows, run(subset_state(state, rows), cap)) for cap, rows in groups.items()]
+            parts = [(rows, run(subset_state(state, rows), cap, rows)) for cap, rows in groups.items()]
             output = merge_outputs(parts, len(input_lengths), pad)
+        if stream is not None:
+            stream.finish(output)
         if return_dict_in_generate:
             return output
         return output.sequences
@@ -948,6 +972,71 @@ def check_transformers_fields(config: GenerationConfig, vocab_size: int) -> None
             f"bad_words_ids may only hold single tokens ([[id], ...]): a multi-token word {long_words[0]!r} has no "
             "left context to match against in a diffusion sampler. Ban its tokens one by one, or use suppress_tokens."
         )
+
+
+def check_streamer(streamer: object) -> None:
+    """Refuse a `streamer` that cannot take tokens (Transformers' `BaseStreamer` protocol: `put` and `end`)."""
+    if streamer is None:
+        return
+    missing = [name for name in ("put", "end") if not callable(getattr(streamer, name, None))]
+    if missing:
+        raise ValueError(
+            f"streamer must be a transformers BaseStreamer (methods put and end), got {type(streamer).__name__} "
+            f"without {' and '.join(missing)}; pass e.g. transformers.TextStreamer(tokenizer) or "
+            "TextDiffusionStreamer(tokenizer)."
+        )
+
+
+class DraftStream:
+    """Feeds a Transformers streamer from the samplers, with DiffusionGemma's call order.
+
+    Every value is a CPU `LongTensor` `[batch, longest]` padded with `pad_token_id` (Transformers' text streamers
+    take batch 1). The *prefix* of an input is its tokens up to and including the first token followed by an open
+    gap (a prompt whole, `BOS` alone for an unconditional sample, a template up to its first marker): it never
+    changes, so it is `put` once before the first step, as DiffusionGemma puts the prompt (a `TextStreamer` with
+    `skip_prompt=True` skips it). After it:
+
+    * `put_draft(value=rest)`, when the streamer has `put_draft`, at every step that runs a pass: each sequence after
+      its prefix, as it stands after the step's fill. Elastic-MDM: no mask ever shows, since a step fills every mask
+      the step before inserted; the draft grows between calls by the positions each step opens (unfilled, they
+      are not shown). MDLM: the fixed canvas, with `mask_token_id` at the positions not revealed yet (a tokenizer
+      decodes it as its mask token; `skip_special_tokens=True` hides it). With `max_new_tokens` and inputs of
+      different lengths the sampler runs once per length cap: the rows of the other runs keep their last draft.
+    * `put(value=rest)` once with the final tokens after the prefix (up to each sequence's length), then `end()`.
+
+    Drafts cost one device-to-host copy per step; without a streamer the samplers make no such read."""
+
+    def __init__(self, streamer: BaseStreamer, start: ActiveState, pad_token_id: int) -> None:
+        self.streamer, self.pad_token_id = streamer, pad_token_id
+        self.wants_drafts = callable(getattr(streamer, "put_draft", None))
+        sequences, flags = start.split(), start.open_after.cpu().split(start.lengths.tolist())
+        self.prefix = [int(f.nonzero()[0, 0]) + 1 if bool(f.any()) else len(f) for f in flags]
+        self.drafts = [seq[n:] for seq, n in zip(sequences, self.prefix, strict=True)]
+        streamer.put(self.padded([seq[:n] for seq, n in zip(sequences, self.prefix, strict=True)]))
+
+    def padded(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence(
+            [row.long() for row in rows], batch_first=True, padding_value=self.pad_token_id
+        )
+
+    def drafter(self, rows: list[int]) -> Callable[[ActiveState], None] | None:
+        """The `on_draft` of a sampler run over the sequences `rows` (`None` when the streamer takes no drafts)."""
+        if not self.wants_drafts:
+            return None
+
+        def on_draft(state: ActiveState) -> None:
+            for row, seq in zip(rows, state.split(), strict=True):
+                self.drafts[row] = seq[self.prefix[row] :]
+            self.streamer.put_draft(value=self.padded(self.drafts))
+
+        return on_draft
+
+    def finish(self, output: ElasticMDMGenerateOutput) -> None:
+        """`put` the final tokens after each prefix, then `end`."""
+        sequences, lengths = output.sequences.cpu(), output.lengths.tolist()
+        rest = [seq[p:n] for seq, p, n in zip(sequences, self.prefix, lengths, strict=True)]
+        self.streamer.put(self.padded(rest))
+        self.streamer.end()
 
 
 def rows_by_cap(caps: list[int]) -> dict[int, list[int]]:

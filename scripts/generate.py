@@ -3,6 +3,7 @@
     python scripts/generate.py outputs/tiny-elastic --num_return_sequences 8 --num_steps 64 --schedule exponential
     python scripts/generate.py outputs/tiny-elastic --prompt '{"name":"' --output samples.jsonl
     python scripts/generate.py outputs/tiny-elastic --template '{"name":"<mask>","age":<mask>}'
+    python scripts/generate.py outputs/tiny-elastic --stream --num_steps 32    # one sample growing in place
 
 Every field of `ElasticMDMGenerationConfig` is a flag. Prints the samples, or writes JSONL with `--output`.
 The checkpoint is loaded with the installed classes; its own code runs only with `--trust_remote_code`
@@ -28,7 +29,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument("--prompt", action="append", help="a text prefix (repeat for a batch)")
     inputs.add_argument("--template", action="append", help="text whose mask tokens mark open gaps (repeat)")
-    parser.add_argument("--num_return_sequences", type=int, default=4)
+    parser.add_argument("--num_return_sequences", type=int, help="samples per input (default 4; 1 with --stream)")
     parser.add_argument("--num_steps", type=int)
     parser.add_argument("--schedule", help="linear | cosine | exponential | p-linear | clipped")
     parser.add_argument("--schedule_kwargs", type=json.loads, help="e.g. '{\"sigma\": 5.0}'")
@@ -46,6 +47,13 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn_implementation", default=None)
     parser.add_argument("--progress_bar", action="store_true")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="show one sample growing in place in the terminal (Transformers' TextDiffusionStreamer: the draft of "
+        "every step in yellow, then the final text)",
+    )
+    parser.add_argument("--stream_delay", type=float, default=0.05, help="seconds each --stream draft stays shown")
     parser.add_argument("--output", help="write JSONL here instead of printing")
     parser.add_argument(
         "--trust_remote_code",
@@ -54,6 +62,14 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         "only for checkpoints whose code you trust",
     )
     args = parser.parse_args(argv)
+    if args.num_return_sequences is None:
+        args.num_return_sequences = 1 if args.stream else 4
+    if args.stream and (args.num_return_sequences != 1 or len(args.prompt or args.template or [None]) != 1):
+        parser.error("--stream shows one sample: give --num_return_sequences 1 and at most one --prompt / --template")
+    if args.stream and args.output:
+        parser.error("--stream prints to the terminal; drop --output (or --stream)")
+    if args.stream_delay < 0:
+        parser.error(f"--stream_delay must be >= 0 seconds, got {args.stream_delay}")
     if args.num_return_sequences < 1:
         parser.error(f"--num_return_sequences must be >= 1, got {args.num_return_sequences}")
     return args
@@ -104,8 +120,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tokenizer = load_checkpoint_tokenizer(local_or_hub(args.model), args.trust_remote_code)
     check_vocab(model.config, tokenizer)
     inputs = encode_inputs(args, tokenizer)
+    streamer = None
+    if args.stream:
+        from transformers import TextDiffusionStreamer
+
+        streamer = TextDiffusionStreamer(tokenizer, sleep_time=args.stream_delay or None, skip_special_tokens=True)
     out = model.generate(
         **inputs,
+        streamer=streamer,
         num_return_sequences=args.num_return_sequences,
         seed=args.seed,
         progress_bar=args.progress_bar,
@@ -120,7 +142,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.output, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         print(f"wrote {len(rows)} samples to {args.output} ({out.num_passes} passes, {out.tokens_processed} tokens)")
-    else:
+    elif not args.stream:  # the streamer printed the sample already
         for row in rows:
             print(f"[{row['length']:4d}] {row['text']}")
     return rows

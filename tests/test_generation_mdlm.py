@@ -393,3 +393,31 @@ def test_unknown_objective_raises() -> None:
 def test_bad_input_raises(model, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         model.generate(num_steps=4, **kwargs)
+
+
+def test_streamer_drafts_show_the_canvas_with_its_masks(model) -> None:
+    """An MDLM draft is the canvas after the prompt as it stands after each step's fill: fixed width, masks at the
+    positions not revealed yet (fewer at every step, none at the end); the samples do not change."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self) -> None:
+            self.puts, self.drafts, self.ends = [], [], 0
+
+        def put(self, value):
+            self.puts.append(value)
+
+        def put_draft(self, value):
+            self.drafts.append(value)
+
+        def end(self):
+            self.ends += 1
+
+    streamer, kwargs = Recorder(), dict(num_steps=6, seed=0, return_dict_in_generate=True)
+    out = model.generate([[BOS, 5]], streamer=streamer, **kwargs)
+    assert torch.equal(out.sequences, model.generate([[BOS, 5]], **kwargs).sequences)
+    assert streamer.puts[0].tolist() == [[BOS, 5]] and streamer.ends == 1 and len(streamer.drafts) == 6
+    masks = [int((draft == MASK).sum()) for draft in streamer.drafts]
+    assert all(draft.shape == (1, CANVAS - 2) for draft in streamer.drafts)
+    assert masks == sorted(masks, reverse=True) and masks[-1] == 0 and masks[0] > 0
+    assert streamer.puts[1].tolist() == [out.sequences[0, 2 : int(out.lengths[0])].tolist()]

@@ -64,6 +64,18 @@ def test_generate_script(trained: Path, tmp_path: Path) -> None:
     assert all(row["text"].startswith('{"x":') and row["text"].endswith("}") for row in rows)
 
 
+def test_generate_script_streams_one_sample(trained: Path, capsys) -> None:
+    """`--stream`: drafts drawn in place (cursor saved, overwritten), then the final text, through Transformers'
+    `TextDiffusionStreamer`; more than one sample is refused."""
+    script = load_script("generate")
+    rows = script.main([str(trained), "--stream", "--stream_delay", "0", "--num_steps", "4", "--prompt", '{"'])
+    printed = capsys.readouterr().out
+    assert len(rows) == 1 and "\0337" in printed and "\033[33m" in printed
+    assert printed.rstrip("\n").endswith(rows[0]["text"][2:])  # the prompt was put first, the rest after it
+    with pytest.raises(SystemExit):
+        script.main([str(trained), "--stream", "--num_return_sequences", "2"])
+
+
 def test_yaml_then_flags(tmp_path: Path) -> None:
     model_args, data_args, training_args, report_args = load_script("train").parse_arguments(
         ["configs/tiny.yaml", "--learning_rate", "0.5", "--schedule_families", "linear", "cosine"]
