@@ -339,27 +339,38 @@ def nelbo_report(
     schedule: str = "linear",
     batch_size: int = 32,
     seed: int = 0,
+    num_draws: int = 1,
     max_batches: int | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """The held-out NELBO of the K-step process (K = `num_steps`, `schedule`) as bits per token and perplexity bound,
     with the objective's evaluation collator and seeded noise: `trainer.nelbo_metrics` (the bound of `nelbo.py`,
     step 0 exactly plus `K · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence; MDLM's bound for
-    `mdlm`)."""
+    `mdlm`). With `num_draws > 1` the metrics average that many independent noise draws of the data (seeds `seed`,
+    `seed + 1`, ...) and `nelbo_bits_per_token_se` is the standard error of the bits per token between draws."""
     from .trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
 
-    args = ElasticMDMTrainingArguments(
-        eval_num_steps=num_steps,
-        eval_schedule=schedule,
-        objective=model.config.objective,
-        seed=seed,
-        use_cpu=model.device.type == "cpu",
-        report_to="none",
-    )
-    collator = make_collators(args, model.config)[1]
-    batches = heldout_batches(dataset, collator, batch_size, model.device, max_batches)
-    with torch.no_grad():
-        return nelbo_metrics(model, batches, args, SingleProcess(model.device, autocast_dtype))
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}.")
+    draws = []
+    for draw_seed in range(seed, seed + num_draws):
+        args = ElasticMDMTrainingArguments(
+            eval_num_steps=num_steps,
+            eval_schedule=schedule,
+            objective=model.config.objective,
+            seed=draw_seed,
+            use_cpu=model.device.type == "cpu",
+            report_to="none",
+        )
+        collator = make_collators(args, model.config)[1]
+        batches = heldout_batches(dataset, collator, batch_size, model.device, max_batches)
+        with torch.no_grad():
+            draws.append(nelbo_metrics(model, batches, args, SingleProcess(model.device, autocast_dtype)))
+    report = {key: sum(d[key] for d in draws) / num_draws for key in draws[0]}
+    if num_draws > 1:
+        bits = torch.tensor([d["nelbo_bits_per_token"] for d in draws], dtype=torch.float64)
+        report["nelbo_bits_per_token_se"] = float(bits.std() / math.sqrt(num_draws))
+    return report
 
 
 def calibration_collator(

@@ -80,6 +80,9 @@ class EvaluationArguments:
     metrics: list[str] = field(default_factory=lambda: list(METRICS), metadata={"help": f"Some of {METRICS}."})
     num_steps: int = field(default=128, metadata={"help": "K of the NELBO, the calibration and the samplers."})
     schedule: str = field(default="linear", metadata={"help": "Reveal schedule of the NELBO and the samplers."})
+    nelbo_draws: int = field(
+        default=4, metadata={"help": "Independent noise draws of the held-out set averaged by the NELBO (with s.e.)."}
+    )
     sweep_steps: list[int] = field(
         default_factory=lambda: list(SWEEP_STEPS), metadata={"help": "Horizons K of the length sweep."}
     )
@@ -116,7 +119,7 @@ class EvaluationArguments:
         if unknown:
             raise ValueError(f"Unknown metrics {unknown}; use some of {METRICS}.")
         counts = ("num_steps", "eval_batch_size", "calibration_bins", "sample_batch_size", "gen_ppl_batch_size")
-        for name in counts + ("num_per_template", "mdlm_gap_budget"):
+        for name in counts + ("num_per_template", "mdlm_gap_budget", "nelbo_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
         for name in ("num_samples", "max_eval_batches", "max_structured_tasks"):
@@ -209,7 +212,7 @@ def evaluate_checkpoint(name: str, args: EvaluationArguments, data_args: DataArg
     if "nelbo" in args.metrics and dataset is not None:
         results["nelbo"] = nelbo_report(
             model, dataset, num_steps=args.num_steps, schedule=args.schedule, batch_size=args.eval_batch_size,
-            seed=args.seed, **held_out,
+            seed=args.seed, num_draws=args.nelbo_draws, **held_out,
         )  # fmt: skip
     if "calibration" in args.metrics and dataset is not None and config.objective == "elastic":
         collator = calibration_collator(

@@ -202,6 +202,12 @@ def test_gap_calibration_and_nelbo_on_a_tiny_model(tokenizer) -> None:
     assert table[-1]["gap_ce"] == pytest.approx(math.log(81), rel=0.05)  # a fresh head is nearly uniform
     first = nelbo_report(model, data, num_steps=8, batch_size=8)
     assert first == nelbo_report(model, data, num_steps=8, batch_size=8)  # seeded noise
+    second = nelbo_report(model, data, num_steps=8, batch_size=8, seed=1)
+    both = nelbo_report(model, data, num_steps=8, batch_size=8, num_draws=2)  # seeds 0 and 1, averaged
+    mean = (first["nelbo_bits_per_token"] + second["nelbo_bits_per_token"]) / 2
+    assert both["nelbo_bits_per_token"] == pytest.approx(mean)
+    spread = abs(first["nelbo_bits_per_token"] - second["nelbo_bits_per_token"]) / 2  # s.e. of two draws
+    assert both["nelbo_bits_per_token_se"] == pytest.approx(spread)
     assert first["nelbo_bits_per_token"] > 0 and math.isfinite(first["ppl_bound"])
 
 
