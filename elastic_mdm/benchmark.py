@@ -58,7 +58,13 @@ from .configuration_elastic_mdm import ElasticMDMConfig
 from .cuda_graphs import CUDAGraphDenoiser, StaticShapeDenoiser
 from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator
 from .evaluation import markdown_table
-from .generation_elastic_mdm import ActiveState, ElasticMDMGenerateOutput, sample_elastic, sample_mdlm
+from .generation_elastic_mdm import (
+    ActiveState,
+    ElasticMDMGenerateOutput,
+    sample_elastic,
+    sample_mdlm,
+    tokens_per_forward,
+)
 from .modeling_elastic_mdm import ElasticMDMForDiffusionLM
 from .packing import PackedSequences
 from .schedules import NoiseLevelSampler, RevealSchedule
@@ -472,8 +478,9 @@ def benchmark_sampling(
     wrap: Callable[[Any], Any] = lambda d: d,
 ) -> list[dict[str, Any]]:
     """One row per variant: median seconds per batch, ms per sequence, sequences/s, generated tokens/s, passes,
-    tokens encoded per sequence, mean active length per pass, GFLOP per sequence, tensor ops per step outside the
-    denoiser passes (`OpCounter`), TFLOP/s and MFU."""
+    tokens per forward pass (`generation_elastic_mdm.tokens_per_forward`), tokens encoded per sequence, mean active
+    length per pass, GFLOP per sequence, tensor ops per step outside the denoiser passes (`OpCounter`), TFLOP/s and
+    MFU."""
     flops = FlopModel.of(setup.model)
     batch = setup.elastic_state.lengths.numel()
     rows = []
@@ -483,6 +490,7 @@ def benchmark_sampling(
             time_calls(functools.partial(setup.run, variant, wrap), setup.model.device, warmup, repeats)
         )
         work = flops.run(log)
+        start = setup.elastic_state if variant.sampler == "elastic" else setup.mdlm_state
         rows.append(
             {
                 "variant": variant.name,
@@ -492,6 +500,7 @@ def benchmark_sampling(
                 "generated_tokens_per_s": float(counted.lengths.sum()) / seconds,
                 "mean_length": float(counted.lengths.double().mean()),
                 "passes": counted.num_passes,
+                "tokens_per_forward": tokens_per_forward(counted, start.lengths),
                 "tokens_encoded_per_sequence": counted.tokens_processed / batch,
                 "mean_active_length": counted.tokens_processed / max(sum(len(p) for p in log.lengths), 1),
                 "gflop_per_sequence": work / batch / 1e9,

@@ -126,12 +126,14 @@ def save_length_histogram(generated: torch.Tensor, data: torch.Tensor, path: str
 @dataclass
 class Samples:
     """Generated sequences: `ids[i]` the tokens of sample i (anchors included), `lengths` `[N]`, `texts[i]` its
-    decoded text (special tokens skipped)."""
+    decoded text (special tokens skipped); `tokens_per_forward` the generated tokens over the denoiser passes of
+    every sequence (`generation_elastic_mdm.tokens_per_forward`, pooled over the batches)."""
 
     ids: list[list[int]]
     lengths: torch.Tensor
     texts: list[str]
     hit_max_length: torch.Tensor | None = None  # [N] stopped by the sampler's max_length cap
+    tokens_per_forward: float | None = None
 
 
 def decode_samples(tokenizer, sequences: torch.Tensor, lengths: torch.Tensor) -> tuple[list[list[int]], list[str]]:
@@ -151,6 +153,7 @@ def draw_samples(
 ) -> Samples:
     """`num_samples` unconditional samples of `model.generate` in batches of `batch_size`."""
     ids, lengths, texts, capped = [], [], [], []
+    generated_tokens, passes = 0, 0
     for start in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - start)
         out = model.generate(
@@ -161,8 +164,13 @@ def draw_samples(
         texts += batch_texts
         lengths.append(out.lengths.cpu())
         capped.append(out.hit_max_length.cpu())
+        generated_tokens += int(out.lengths.sum()) - 2 * count  # each sample starts from BOS EOS
+        passes += int(out.sequence_passes.sum())
     empty = torch.zeros(0, dtype=torch.long)
-    return Samples(ids, torch.cat(lengths) if lengths else empty, texts, torch.cat(capped) if capped else empty.bool())
+    return Samples(
+        ids, torch.cat(lengths) if lengths else empty, texts, torch.cat(capped) if capped else empty.bool(),
+        tokens_per_forward=generated_tokens / passes if passes else None,
+    )  # fmt: skip
 
 
 SWEEP_STEPS = (1, 4, 16, 64, 256)
@@ -183,10 +191,10 @@ def length_sweep(
     **generate_kwargs,
 ) -> list[dict[str, Any]]:
     """Length fidelity of unconditional samples at every horizon `K` in `steps` and schedule in `schedules`: mean,
-    TV, W1, KS against `data_lengths` and the share stopped by the length cap. `K = 1` is the length model alone (the
-    final length is the step-0 prediction); larger K show what the re-predictions of the gaps add. With
-    `reference_lengths` (an independent draw of the data), a first row gives the data-vs-data floor of each
-    distance at this sample size."""
+    TV, W1, KS against `data_lengths`, the share stopped by the length cap, and the tokens per forward pass
+    (`tokens_per_forward`). `K = 1` is the length model alone (the final length is the step-0 prediction); larger K
+    show what the re-predictions of the gaps add. With `reference_lengths` (an independent draw of the data), a
+    first row gives the data-vs-data floor of each distance at this sample size."""
     rows = []
     if reference_lengths is not None:
         rows.append(sweep_row("data (fresh draw)", "-", reference_lengths, data_lengths))
@@ -197,7 +205,8 @@ def length_sweep(
                 model, tokenizer, num_samples, batch_size=batch_size, generator=generator, num_steps=num_steps,
                 schedule=schedule, **generate_kwargs,
             )  # fmt: skip
-            rows.append(sweep_row(schedule, num_steps, samples.lengths, data_lengths, samples.hit_max_length))
+            row = sweep_row(schedule, num_steps, samples.lengths, data_lengths, samples.hit_max_length)
+            rows.append({**row, "tokens_per_forward": round(samples.tokens_per_forward or 0.0, 2)})
     return rows
 
 

@@ -150,7 +150,9 @@ class ElasticMDMGenerateOutput(ModelOutput):
     included); `hit_max_length` `[batch]` whether a sequence was stopped by `max_length` (MDLM: no EOS on the canvas;
     MDLM templates: a gap used its whole budget); `trajectory[k][b]` the sequence `b` fed at step `k` (the active
     sequence for Elastic, the whole canvas for MDLM; the last entry is the final state), when asked; `num_passes`
-    denoiser passes run and `tokens_processed` the tokens they encoded."""
+    denoiser passes run and `tokens_processed` the tokens they encoded; `sequence_passes` `[batch]` the passes that
+    encoded each sequence (a packed pass counts once for every sequence in it; the step cache skips the others);
+    `tokens_per_forward` the generated tokens over those passes (`tokens_per_forward()`; filled by `generate`)."""
 
     sequences: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
@@ -158,6 +160,20 @@ class ElasticMDMGenerateOutput(ModelOutput):
     trajectory: list[list[torch.Tensor]] | None = None
     num_passes: int | None = None
     tokens_processed: int | None = None
+    sequence_passes: torch.Tensor | None = None
+    tokens_per_forward: float | None = None
+
+
+def tokens_per_forward(output: ElasticMDMGenerateOutput, input_lengths: torch.Tensor | list[int]) -> float:
+    """Tokens per forward pass, as dLLM leaderboards report it: the generated tokens (each final length minus its
+    input length `input_lengths` `[batch]`, the sampler's start state: prompt or template anchors with BOS and EOS, so
+    neither the prompt nor padding counts) divided by the denoiser passes. A packed pass counts once for every
+    sequence it encodes (`output.sequence_passes`), so the figure does not depend on the batch size; for one sequence
+    it is `generated / num_passes`. 0 when nothing was encoded."""
+    start = torch.as_tensor(input_lengths, device=output.lengths.device)
+    generated = int((output.lengths - start).clamp_min(0).sum())
+    passes = int(output.sequence_passes.sum())
+    return generated / passes if passes else 0.0
 
 
 class TokenDenoiser(Protocol):
@@ -307,6 +323,7 @@ def generate_output(
     trajectory: list[list[torch.Tensor]] | None,
     num_passes: int,
     tokens_processed: int,
+    sequence_passes: torch.Tensor,
 ) -> ElasticMDMGenerateOutput:
     """Pack the final sequences of `state` into `[batch, longest]`, padded with `pad_token_id`."""
     return ElasticMDMGenerateOutput(
@@ -318,6 +335,7 @@ def generate_output(
         trajectory=trajectory,
         num_passes=num_passes,
         tokens_processed=tokens_processed,
+        sequence_passes=sequence_passes,
     )
 
 
@@ -420,6 +438,7 @@ def sample_elastic(
         state.lengths, everything, (state.tokens == mask_token_id).sum(), state.open_after.sum()
     )
     hidden, trajectory, num_passes, tokens_processed = None, [], 0, 0
+    sequence_passes = torch.zeros(batch, dtype=torch.long, device=state.tokens.device)  # [B] passes that encoded it
     remaining = None  # [B] positions still to reveal (lock_length)
     for k in step_range(num_steps + 1, "elastic-mdm", progress_bar):
         if output_trajectory:
@@ -435,6 +454,7 @@ def sample_elastic(
             hidden = encode_dirty(denoiser, state, hidden, dirty, work, reveal[k])
             num_passes += 1
             tokens_processed += work.tokens
+            sequence_passes += dirty
         dirty = torch.zeros_like(everything) if use_cache else everything
 
         mask_rows = rows_where(state.tokens == mask_token_id, num_masks)
@@ -469,8 +489,9 @@ def sample_elastic(
     if output_trajectory:
         trajectory.append(state.split())
     return generate_output(
-        state, hit_max_length, pad_token_id, trajectory if output_trajectory else None, num_passes, tokens_processed
-    )
+        state, hit_max_length, pad_token_id, trajectory if output_trajectory else None, num_passes, tokens_processed,
+        sequence_passes,
+    )  # fmt: skip
 
 
 def encode_dirty(
@@ -557,6 +578,7 @@ def sample_mdlm(
     dirty = everything  # [B] canvas changed since its last pass
     (num_masks,) = host_read(generated.sum())
     hidden, trajectory, num_passes, tokens_processed = None, [], 0, 0
+    sequence_passes = torch.zeros_like(canvas.lengths)  # [B] passes that encoded each canvas
     for k in step_range(num_steps, "mdlm", progress_bar):
         if output_trajectory:
             trajectory.append(canvas.split())
@@ -572,6 +594,7 @@ def sample_mdlm(
             hidden = encode_dirty(denoiser, canvas, hidden, stale, work, reveal[k])
             num_passes += 1
             tokens_processed += work.tokens
+            sequence_passes += stale
             dirty = dirty & ~stale
         rows = mask_rows[rows_where(revealed, num_revealed)]  # [R]
         fill_tokens(denoiser, hidden, canvas, rows, dirty, token_processors, do_sample, generator)
@@ -586,8 +609,9 @@ def sample_mdlm(
     else:
         final, hit_max_length = squeeze_gaps(canvas, generated, template_lengths, (eos_token_id, pad_token_id))
     return generate_output(
-        final, hit_max_length, pad_token_id, trajectory if output_trajectory else None, num_passes, tokens_processed
-    )
+        final, hit_max_length, pad_token_id, trajectory if output_trajectory else None, num_passes, tokens_processed,
+        sequence_passes,
+    )  # fmt: skip
 
 
 def reveal_draw(count: int, prob: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -716,7 +740,8 @@ class ElasticMDMGenerationMixin:
 
         Returns the token ids `[batch, longest]` (`BOS .. EOS`, anchors included) padded with `pad_token_id` (EOS if
         unset), as every Transformers `generate`; with `return_dict_in_generate=True` an `ElasticMDMGenerateOutput`
-        that adds the true `lengths`, `hit_max_length`, `num_passes`, `tokens_processed` and the trajectory.
+        that adds the true `lengths`, `hit_max_length`, `num_passes`, `tokens_processed`, `sequence_passes`,
+        `tokens_per_forward` (generated tokens per denoiser pass, see `tokens_per_forward()`) and the trajectory.
         """
         config = self._resolve_generation_config(generation_config, kwargs)
         check_streamer(streamer)
@@ -769,6 +794,7 @@ class ElasticMDMGenerationMixin:
         else:  # max_new_tokens with inputs of different lengths: one sampler run per length cap
             parts = [(rows, run(subset_state(state, rows), cap, rows)) for cap, rows in groups.items()]
             output = merge_outputs(parts, len(input_lengths), pad)
+        output["tokens_per_forward"] = tokens_per_forward(output, input_lengths)
         if stream is not None:
             stream.finish(output)
         if return_dict_in_generate:
@@ -1064,10 +1090,11 @@ def merge_outputs(
     first = parts[0][1]
     sequences = first.sequences.new_full((batch, width), pad_token_id)
     lengths, hit = first.lengths.new_zeros(batch), first.hit_max_length.new_zeros(batch)
+    passes = first.sequence_passes.new_zeros(batch)
     for rows, part in parts:
         index = torch.tensor(rows, device=sequences.device)
         sequences[index, : part.sequences.shape[1]] = part.sequences
-        lengths[index], hit[index] = part.lengths, part.hit_max_length
+        lengths[index], hit[index], passes[index] = part.lengths, part.hit_max_length, part.sequence_passes
     trajectory = None
     if first.trajectory is not None:
         steps = max(len(part.trajectory) for _, part in parts)
@@ -1080,6 +1107,7 @@ def merge_outputs(
         sequences=sequences, lengths=lengths, hit_max_length=hit, trajectory=trajectory,
         num_passes=sum(part.num_passes for _, part in parts),
         tokens_processed=sum(part.tokens_processed for _, part in parts),
+        sequence_passes=passes,
     )  # fmt: skip
 
 
@@ -1107,4 +1135,5 @@ __all__ = [
     "sample_elastic",
     "sample_mdlm",
     "insert_masks",
+    "tokens_per_forward",
 ]

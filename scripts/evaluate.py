@@ -164,6 +164,7 @@ def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, sc
     write_samples(samples, output_dir / "samples.jsonl")
     specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id)
     out: dict[str, Any] = {"samples": {"num_samples": args.num_samples, **sample_entropy(samples.ids, specials)}}
+    out["samples"]["tokens_per_forward"] = samples.tokens_per_forward  # generated tokens per denoiser pass
     if scorer is not None:
         out["samples"].update(generative_perplexity(samples.texts, *scorer, batch_size=args.gen_ppl_batch_size))
     if data_lengths is not None:
@@ -191,7 +192,7 @@ def sweep_metrics(model, tokenizer, dataset, args: EvaluationArguments, data_arg
         batch_size=args.sample_batch_size, seed=args.seed, **kwargs,
     )  # fmt: skip
     rows[0]["schedule"] = f"data ({label})"
-    print(markdown_table(rows))
+    print(markdown_table(rows, list(rows[-1])))  # the sampled rows add tokens_per_forward
     return rows
 
 

@@ -80,6 +80,9 @@ def test_sampling_benchmark_rows(model) -> None:
     assert by_name["MDLM (no cache)"]["passes"] == num_steps
     elastic = by_name["Elastic-MDM"]
     assert elastic["mean_length"] == LENGTH and elastic["passes"] <= num_steps + 1
+    # every sequence generates its LENGTH - 2 interior tokens in at most K + 1 passes of its own
+    assert elastic["tokens_per_forward"] >= (LENGTH - 2) / (num_steps + 1)
+    assert all(row["tokens_per_forward"] > 0 for row in rows)
     assert elastic["tokens_encoded_per_sequence"] < by_name["MDLM (no cache)"]["tokens_encoded_per_sequence"]
     assert all(row["median_s"] > 0 and row["gflop_per_sequence"] > 0 and row["mfu_percent"] > 0 for row in rows)
     ratios = bench.sampling_ratios(rows)

@@ -241,7 +241,9 @@ class TemplateFiller:
             objective=objective, max_position_embeddings=max_length, mask_token_id=tokenizer.mask_token_id
         )
 
-    def generate(self, template_ids, num_return_sequences, generator=None, **kwargs):
+    def generate(self, template_ids, num_return_sequences, generator=None, return_dict_in_generate=False, **kwargs):
+        from elastic_mdm.generation_elastic_mdm import ElasticMDMGenerateOutput
+
         mask = self.tokenizer.mask_token_id
         rows = [
             fill_template(self.tokenizer, t, self.values) if self.values else [i for i in t if i != mask]
@@ -249,7 +251,8 @@ class TemplateFiller:
             for _ in range(num_return_sequences)
         ]
         lengths = torch.tensor([len(r) for r in rows])
-        return torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True), lengths
+        sequences = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in rows], batch_first=True)
+        return ElasticMDMGenerateOutput(sequences=sequences, lengths=lengths) if return_dict_in_generate else sequences
 
 
 def test_structured_validity_with_hand_fills(tokenizer, tmp_path) -> None:
@@ -330,6 +333,7 @@ def test_evaluate_script_end_to_end(tmp_path) -> None:
         ("data (fresh draw)", "-"), ("linear", 1), ("linear", 4), ("exponential", 1), ("exponential", 4)
     ]  # fmt: skip
     assert all(0.0 <= row["ks"] <= 1.0 and 0.0 <= row["capped"] <= 1.0 for row in sweep)
+    assert all(row["tokens_per_forward"] >= 0 for row in sweep[1:]) and elastic["samples"]["tokens_per_forward"] > 0
     assert len(mdlm["length_sweep"]) == len(sweep)
     assert "gap_calibration" not in mdlm and set(mdlm) >= {"nelbo", "samples", "lengths", "structured"}
     assert elastic["samples"]["gen_ppl"] > 1 and elastic["samples"]["entropy_mean"] >= 0
@@ -339,6 +343,7 @@ def test_evaluate_script_end_to_end(tmp_path) -> None:
     assert saved["models"]["elastic: tiny"]["nelbo"] == pytest.approx(elastic["nelbo"])
     markdown = (output / "evaluation.md").read_text()
     assert "nelbo.nelbo_bits_per_token" in markdown and "samples.gen_ppl" in markdown
+    assert "samples.tokens_per_forward" in markdown
     assert (output / "tiny" / "length_histogram.png").exists() and (output / "tiny" / "samples.jsonl").exists()
 
 

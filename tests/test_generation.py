@@ -795,3 +795,38 @@ def test_text_diffusion_streamer_prints_the_final_text(model, capsys) -> None:
 def test_bad_streamer_is_refused(model) -> None:
     with pytest.raises(ValueError, match="streamer must be a transformers BaseStreamer"):
         model.generate(num_steps=2, streamer=object())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens per forward pass
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tokens_per_forward_counts_generated_tokens_per_sequence_pass(model) -> None:
+    """Generated tokens (prompt, anchors and padding excluded) over the passes that encoded each sequence: for one
+    sequence `generated / num_passes`; for a batch the per-sequence passes, so caching and batching do not inflate
+    it."""
+    prompt = [BOS, 9, 10, 11]
+    one = model.generate([prompt], num_steps=8, seed=1, return_dict_in_generate=True)
+    generated = int(one.lengths[0]) - (len(prompt) + 1)
+    assert one.sequence_passes.tolist() == [one.num_passes]
+    assert one.tokens_per_forward == pytest.approx(generated / one.num_passes)
+    for use_cache in (True, False):
+        out = model.generate(
+            [prompt, [BOS]], num_return_sequences=3, num_steps=8, seed=2, use_cache=use_cache,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        starts = torch.tensor([len(prompt) + 1] * 3 + [2] * 3)
+        assert out.sequence_passes.shape == (6,) and int(out.sequence_passes.max()) <= out.num_passes
+        if not use_cache:
+            assert (out.sequence_passes == out.num_passes).all()
+        expected = float((out.lengths - starts).sum()) / float(out.sequence_passes.sum())
+        assert out.tokens_per_forward == pytest.approx(expected) and out["tokens_per_forward"] == out.tokens_per_forward
+
+
+def test_tokens_per_forward_with_one_run_per_length_cap(model) -> None:
+    out = model.generate(
+        [[BOS, 5], [BOS, 5, 6, 7]], num_steps=6, seed=0, max_new_tokens=4, return_dict_in_generate=True
+    )
+    expected = float((out.lengths - torch.tensor([3, 5])).sum()) / float(out.sequence_passes.sum())
+    assert out.tokens_per_forward == pytest.approx(expected) and (out.sequence_passes > 0).all()

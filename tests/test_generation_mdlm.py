@@ -421,3 +421,12 @@ def test_streamer_drafts_show_the_canvas_with_its_masks(model) -> None:
     assert all(draft.shape == (1, CANVAS - 2) for draft in streamer.drafts)
     assert masks == sorted(masks, reverse=True) and masks[-1] == 0 and masks[0] > 0
     assert streamer.puts[1].tolist() == [out.sequences[0, 2 : int(out.lengths[0])].tolist()]
+
+
+def test_tokens_per_forward_on_the_canvas(model) -> None:
+    """MDLM without the cache encodes every canvas at each of the K steps: generated tokens over K per sequence."""
+    out = model.generate(
+        [[BOS, 5]], num_return_sequences=3, num_steps=6, seed=0, use_cache=False, return_dict_in_generate=True
+    )
+    assert (out.sequence_passes == 6).all() and out.num_passes == 6
+    assert out.tokens_per_forward == pytest.approx(float((out.lengths - 3).clamp_min(0).sum()) / 18)
