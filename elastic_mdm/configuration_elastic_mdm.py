@@ -12,6 +12,13 @@ AUTO_MAP = {
     "AutoModel": "modeling_elastic_mdm.ElasticMDMForDiffusionLM",
     "AutoModelForMaskedLM": "modeling_elastic_mdm.ElasticMDMForDiffusionLM",
 }
+CUSTOM_PIPELINES = {  # where transformers.pipeline(task, model=path, trust_remote_code=True) finds the model's own
+    "text-generation": {  # pipeline class (pipeline_elastic_mdm.py, saved with the checkpoint)
+        "impl": "pipeline_elastic_mdm.ElasticMDMTextGenerationPipeline",
+        "pt": ["AutoModel"],
+        "type": "text",
+    }
+}
 
 
 class ElasticMDMConfig(PretrainedConfig):
@@ -115,6 +122,7 @@ class ElasticMDMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.objective = objective
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        kwargs.setdefault("custom_pipelines", {task: dict(info) for task, info in CUSTOM_PIPELINES.items()})
         self._check_sizes()
         super().__init__(
             bos_token_id=bos_token_id,

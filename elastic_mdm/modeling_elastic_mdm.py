@@ -23,6 +23,7 @@ from transformers.utils import ModelOutput
 from .configuration_elastic_mdm import ElasticMDMConfig
 from .generation_elastic_mdm import ElasticMDMGenerationConfig, ElasticMDMGenerationMixin
 from .packing import PackedSequences, pack_padded, unpack_to_padded
+from .pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline  # noqa: F401  (saved with the checkpoint)
 
 try:  # optional fast path: pip install flash-attn
     from flash_attn import flash_attn_varlen_func

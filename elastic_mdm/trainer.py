@@ -228,7 +228,7 @@ def build_model_card(
         license="apache-2.0",
         tags=["elastic-mdm", "masked-diffusion", "variable-length", args.objective],
         datasets=[dataset_name] if dataset_name else None,
-        pipeline_tag="fill-mask",
+        pipeline_tag="text-generation",  # pipeline("text-generation", trust_remote_code=True): pipeline_elastic_mdm
     )
     generation = getattr(model, "generation_config", None)
     values = {
