@@ -7,11 +7,20 @@ OUT=${OUT:-outputs/quality}
 train() {  # name, flags...
   local name=$1; shift
   HF_HUB_OFFLINE=1 .venv/bin/python scripts/train.py configs/tiny.yaml --output_dir "$OUT/$name" \
-    --overwrite_output_dir true "$@"
+    --overwrite_output_dir true --report_num_samples 0 "$@"
 }
 train A-none-schedule  --gap_noise_conditioning false --token_mask_share schedule
 train B-gaphead-uniform --gap_noise_conditioning true --token_mask_share uniform
 train C-adaln-uniform  --gap_noise_conditioning false --time_conditioning true --token_mask_share uniform
 train D-gaphead-schedule --gap_noise_conditioning true --token_mask_share schedule   # the main job's recipe
-train M-mdlm --objective mdlm --gap_noise_conditioning false --mdlm_gap_budget 16
+train F-horizon-2-64 --horizon_max 64
+train G-length-share-0.2 --length_share 0.2
+train H-gap-weight-0.5 --gap_loss_weight 0.5
+train I-anchor-share-0.5 --synthetic_anchor_share 0.5
+# Elastic vs MDLM: equal wall time (MDLM encodes 5120 tokens per step, Elastic about 960) and equal updates
+MDLM=(--objective mdlm --gap_noise_conditioning false --mdlm_gap_budget 16)
+train M-mdlm-375 "${MDLM[@]}" --max_steps 375
+train M-mdlm "${MDLM[@]}"
+train D-gaphead-schedule-6000 --max_steps 6000
+train M-mdlm-6000 "${MDLM[@]}" --max_steps 6000
 HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quality.py "$OUT"/*/ --output "$OUT/quality.jsonl"
