@@ -80,7 +80,7 @@ class ElasticNELBOCollator(PackingCollator):
         table = self.schedule.table(self.num_steps, device=device)  # [K + 1] F(0..K)
         extended = torch.cat([table.new_zeros(1), table, table.new_ones(1)])  # F(-1), F(0..K), F(K+1)
         clean_share, active_share, next_share = extended[steps], extended[steps + 1], extended[steps + 2]
-        twice = torch.cat([cu[:-1], cu[1:-1] + cu[-1], 2 * cu[-1:]])  # [2B + 1]
+        twice = torch.cat([cu[:-1], cu[:-1] + cu[-1], 2 * cu[-1:]])  # [2B + 1]: starts of both copies, end
         packed = PackedSequences.from_cu_seqlens(twice, max_seqlen=0, num_tokens=2 * tokens.numel())
         out = corrupt_packed(
             tokens.repeat(2),

@@ -207,3 +207,18 @@ def test_collator_reveals_match_the_next_step(toy_model) -> None:
     assert batch["input_ids"].tolist() == [BOS, MASK, EOS]
     assert batch["gap_labels"].tolist() == [1, 2, IGNORE_INDEX]
     assert batch["gap_reveals"].tolist() == [1, 1, IGNORE_INDEX]  # u = 0.6 and u = 0.3 lie in [0.25, 0.7)
+
+
+def test_nelbo_collator_keeps_each_copy_a_sequence_of_its_own() -> None:
+    """Every sequence appears twice (step 0, then step k) with its own boundaries: `cu_seqlens` of the copies are
+    the sequence lengths twice over, for one sequence and for several."""
+    from elastic_mdm.nelbo import ElasticNELBOCollator
+
+    collator = ElasticNELBOCollator(3, 1, 2, 64, seed=0, num_steps=4)
+    for lengths in ([6], [3, 4, 5]):
+        features = [{"input_ids": [1, *range(10, 10 + n - 2), 2]} for n in lengths]
+        batch = collator(features)
+        assert batch["cu_seqlens"].numel() == 2 * len(lengths) + 1
+        assert batch["input_ids"].numel() <= 2 * sum(lengths) and batch["nelbo_weight"].numel() == 2 * len(lengths)
+        first = batch["input_ids"][: int(batch["cu_seqlens"][1])]
+        assert int(first[0]) == 1 and int(first[-1]) == 2  # step 0: BOS EOS of the first sequence alone
