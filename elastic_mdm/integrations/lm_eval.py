@@ -1,0 +1,281 @@
+r"""lm-evaluation-harness model `elastic_mdm` (`pip install elastic-mdm[lmeval]`).
+
+    python -m elastic_mdm.integrations.lm_eval --model elastic_mdm --model_args pretrained=PATH,mc_samples=32 \
+        --tasks lambada_openai --device cuda --batch_size 16
+
+The harness finds models by name in its registry, which only knows the models imported before it runs: this module
+registers `elastic_mdm` on import, and running it as `python -m` starts the harness's own command line (`lm_eval`,
+same arguments) after that import. From Python, `import elastic_mdm.integrations.lm_eval` before
+`lm_eval.simple_evaluate(model="elastic_mdm", ...)` does the same.
+
+Requests (design §5, a prompt is a prefix continued in one open gap before EOS):
+
+* `generate_until(context, gen_kwargs)`: `generate(input_ids=[BOS + context])` with `max_new_tokens = max_gen_toks`
+  and the token sampling of `gen_kwargs` (`do_sample`, `temperature`, `top_p`, `top_k`; greedy tokens by default as
+  the harness expects), the checkpoint's generation config otherwise; the decoded new text is cut before the first
+  stop sequence of `until`. A context longer than the model's window is cut from the left.
+* `loglikelihood(context, continuation)`: minus an upper bound on `-log p(continuation | context)`, the NELBO of
+  design §2b with the context tokens as anchors (never noised, their closed gaps never grow, as in `generate`) and
+  the continuation noised. It is a **bound, not the log-likelihood**: as MDM papers report, the returned value is
+  at most the model's true conditional log-probability (up to Monte Carlo noise), estimated as the mean of
+  `mc_samples` independent draws of the estimator (the step-0 term exact, one step `k ~ U{1..K}` of the K-step
+  process, `K = nelbo_num_steps`). The bound is that of the complete rest of the sequence: the continuation
+  followed by EOS (the gap head's length term is part of it), since an Elastic-MDM writes a whole sequence.
+  `is_greedy` is always `False` (a diffusion sampler has no left-to-right argmax to compare with).
+  `objective="mdlm"` checkpoints use MDLM's continuous-time bound on the same anchors (continuation, EOS and pads).
+* `loglikelihood_rolling(text)`: the same bound for the text alone (BOS and EOS the only anchors), in windows of at
+  most `max_position_embeddings - 2` tokens whose bounds add up.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from ..checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
+from ..data import IGNORE_INDEX, TARGET_TOKENS, MDLMCollator
+from ..nelbo import NELBO_KEYS, ElasticNELBOCollator, gap_nelbo_terms
+from ..packing import PackedSequences
+
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
+
+
+def conditional_nelbo_terms(model, batch: dict, context_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-copy NELBO terms `[2B]` (nats, before the `nelbo_weight`s) of an `ElasticNELBOCollator` batch whose
+    sequences start with `context_lengths` `[2B]` anchors (BOS and the context): the token CE of the masks plus the
+    gap terms `l_k(g, m)` (`nelbo.gap_nelbo_terms`) of the open gaps only. The gaps between two context tokens are
+    closed, as in `generate(input_ids=...)`, which never draws them: they are left out of the bound (design §2b, §5).
+    With `context_lengths` all 1 (BOS alone) this is `nelbo.elastic_nelbo_terms`."""
+    inputs = {k: v for k, v in batch.items() if k not in NELBO_KEYS and k != "gap_labels"}
+    out = model(**inputs, loss_reduction="sequence", output_hidden_states=True, return_logits=False)
+    cu = batch["cu_seqlens"]
+    packed = PackedSequences.from_cu_seqlens(cu, batch["max_seqlen"], batch["input_ids"].numel())
+    positions = torch.arange(packed.sequence_ids.numel(), device=cu.device) - cu[:-1].long()[packed.sequence_ids]
+    gaps = batch["gap_labels"]
+    opened = positions >= context_lengths.to(cu.device)[packed.sequence_ids] - 1  # the context's last token onwards
+    rows = ((gaps != IGNORE_INDEX) & ~packed.last_token_mask() & opened).nonzero().squeeze(-1)
+    sequences = packed.sequence_ids[rows]
+    log_probs = model.gap_logits(out.hidden_states, rows, batch["noise_level"][sequences]).float().log_softmax(-1)
+    terms = gap_nelbo_terms(log_probs, gaps[rows], batch["gap_reveals"][rows], batch["reveal_prob"][sequences])
+    return out.token_loss.double() + terms.new_zeros(cu.numel() - 1).index_add(0, sequences, terms)
+
+
+@register_model("elastic_mdm")
+class ElasticMDMLM(LM):
+    """An Elastic-MDM (or MDLM-objective) checkpoint as an lm-evaluation-harness model (see the module docstring).
+
+    Args (`--model_args key=value,...`):
+        pretrained: Checkpoint folder or Hub id (or a loaded `ElasticMDMForDiffusionLM`, with `tokenizer`).
+        tokenizer: Tokenizer (default: the checkpoint's).
+        device, dtype: Where and in which dtype the model runs (`float32`, `bfloat16`, `float16`).
+        batch_size: Requests per `generate` call; sequences (per Monte Carlo draw) per NELBO pass.
+        mc_samples: Monte Carlo draws of the NELBO estimator averaged per `loglikelihood` request.
+        nelbo_num_steps, nelbo_schedule: The K-step process whose bound is taken (default: the checkpoint's
+            generation config `num_steps` and `schedule`, the process `generate` samples).
+        max_gen_toks: Default `max_new_tokens` of `generate_until` when a task does not set it.
+        seed: Seeds the sampler and the NELBO noise (the same requests give the same answers).
+        trust_remote_code: Run the checkpoint's own code (docs/security.md); default the installed classes.
+        **generate_kwargs: Further `generate()` options for `generate_until` (`num_steps`, `schedule`, ...).
+    """
+
+    def __init__(
+        self,
+        pretrained: Any,
+        tokenizer: Any = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        batch_size: int | str | None = 16,
+        max_batch_size: int | None = None,
+        mc_samples: int = 32,
+        nelbo_num_steps: int | None = None,
+        nelbo_schedule: str | None = None,
+        max_gen_toks: int = 256,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        **generate_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(pretrained, str):
+            self.model = load_checkpoint(pretrained, device, getattr(torch, dtype), trust_remote_code)
+            tokenizer = tokenizer or load_checkpoint_tokenizer(local_or_hub(pretrained), trust_remote_code)
+        else:
+            self.model = pretrained.to(device).eval()
+            if tokenizer is None:
+                raise ValueError("pretrained is a model object: pass its tokenizer too (tokenizer=...).")
+        self.tokenizer = tokenizer
+        if batch_size is None or (isinstance(batch_size, str) and batch_size.startswith("auto")):
+            batch_size = 16  # the harness's "auto" search needs a model that fails on memory; 16 requests per call
+        elif isinstance(batch_size, str) and batch_size.isdigit():  # the command line passes a string
+            batch_size = int(batch_size)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.mc_samples = positive_int("mc_samples", mc_samples)
+        self.max_gen_toks = positive_int("max_gen_toks", max_gen_toks)
+        generation = self.model.generation_config
+        self.nelbo_num_steps = positive_int("nelbo_num_steps", nelbo_num_steps or generation.num_steps)
+        self.nelbo_schedule = nelbo_schedule or generation.schedule
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
+        self.generate_kwargs = generate_kwargs
+        config = self.model.config
+        self.max_length = int(config.max_position_embeddings)
+        ids = dict(
+            mask_token_id=config.mask_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+            max_length=self.max_length, seed=self.seed,
+        )  # fmt: skip
+        if config.objective == "mdlm":
+            self.collator = MDLMCollator(**ids, pad_token_id=config.pad_token_id)
+        else:
+            self.collator = ElasticNELBOCollator(**ids, schedule=self.nelbo_schedule, num_steps=self.nelbo_num_steps)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "elastic_mdm")).replace("/", "__")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- generate_until --------------------------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """`generate` from `BOS + context`, batched by identical `gen_kwargs`, cut before the first stop string."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        for indices in groups.values():
+            gen_kwargs = dict(requests[indices[0]].args[1])
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            new_tokens = positive_int("max_gen_toks", gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+            options = {"do_sample": False, **{k: gen_kwargs[k] for k in SAMPLING_KEYS if k in gen_kwargs}}
+            if not options["do_sample"]:
+                options = {"do_sample": False}  # temperature etc. mean nothing for greedy tokens
+            keep = max(self.max_length - 2 - new_tokens, 0)  # context tokens that fit with the new ones
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                bos = self.model.config.bos_token_id
+                prompts = [[bos, *last(self.encode(requests[i].args[0]), keep)] for i in chunk]
+                out = self.model.generate(
+                    input_ids=prompts, max_new_tokens=new_tokens, generator=self.generator,
+                    return_dict_in_generate=True, **{**self.generate_kwargs, **options},
+                )  # fmt: skip
+                for i, prompt, seq, n in zip(chunk, prompts, out.sequences, out.lengths.tolist(), strict=True):
+                    text = self.tokenizer.decode(seq[len(prompt) : n], skip_special_tokens=True)
+                    results[i] = cut_at_stop(text, until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, results[i])
+        return [r or "" for r in results]
+
+    # -- loglikelihood ---------------------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """`(-NELBO(continuation | context), False)` per request, the mean of `mc_samples` draws (a lower bound on
+        the log-likelihood, see the module docstring)."""
+        pairs = [self.split_pair(*request.args) for request in requests]
+        bounds = self.nelbo(pairs)
+        results = []
+        for request, bound in zip(requests, bounds, strict=True):
+            answer = (-bound, False)
+            self.cache_hook.add_partial("loglikelihood", request.args, answer)
+            results.append(answer)
+        return results
+
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
+        """`-NELBO(text)` with BOS and EOS as the only anchors, summed over windows of `max_length - 2` tokens."""
+        window = self.max_length - 2
+        results = []
+        for request in requests:
+            tokens = self.encode(request.args[0])
+            pieces = [([], tokens[i : i + window]) for i in range(0, max(len(tokens), 1), window)]
+            results.append(-sum(self.nelbo(pieces)))
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, results[-1])
+        return results
+
+    def split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation tokens, the continuation taken from the tokenization of the whole text (so a
+        merge across the boundary is seen as the model sees it) and the context cut from the left to fit."""
+        if context and context[-1].isspace():  # the space belongs to the continuation's first token
+            continuation, context = context[-1] + continuation, context[:-1]
+        whole, head = self.encode(context + continuation), self.encode(context)
+        cont = whole[len(head) :] if whole[: len(head)] == head else self.encode(continuation)
+        if not cont:
+            raise ValueError(f"The continuation {continuation!r} has no tokens; loglikelihood needs at least one.")
+        room = self.max_length - 2 - len(cont)
+        if room < 0:
+            raise ValueError(
+                f"A continuation of {len(cont)} tokens does not fit the model's window of {self.max_length} "
+                "positions (BOS and EOS included); use a task with shorter continuations."
+            )
+        return last(head, room), cont
+
+    def nelbo(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
+        """The mean NELBO in nats of every `(context, continuation)` over `mc_samples` draws."""
+        bos, eos = self.model.config.bos_token_id, self.model.config.eos_token_id
+        features, owners = [], []
+        for index, (context, cont) in enumerate(pairs):
+            anchors = [1] * (1 + len(context)) + [0] * len(cont) + [1]
+            feature = {"input_ids": [bos, *context, *cont, eos], "anchor_mask": anchors}
+            features += [feature] * self.mc_samples
+            owners += [index] * self.mc_samples
+        totals = torch.zeros(len(pairs), dtype=torch.float64)
+        self.collator.reset_generator()  # the same requests get the same noise
+        for chunk, who in batched(features, owners, self.batch_size):
+            totals.index_add_(0, torch.tensor(who), self.batch_nelbo(chunk).cpu())
+        return (totals / self.mc_samples).tolist()
+
+    @torch.no_grad()
+    def batch_nelbo(self, features: list[dict]) -> torch.Tensor:
+        """`[len(features)]` one draw of the NELBO estimator (nats) of each feature."""
+        batch = self.collator(features)
+        device = self.model.device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch.pop(TARGET_TOKENS, None)
+        if self.model.config.objective == "mdlm":
+            return self.model(**batch, loss_reduction="sequence").token_loss.double()
+        context = torch.tensor([int(sum(f["anchor_mask"])) - 1 for f in features], device=device)  # BOS + context
+        terms = conditional_nelbo_terms(self.model, batch, context.repeat(2))  # step 0, then step k of each
+        weighted = batch["nelbo_weight"] * terms
+        return weighted[: len(features)] + weighted[len(features) :]
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    return value
+
+
+def last(tokens: list[int], count: int) -> list[int]:
+    """The last `count` tokens (none for `count <= 0`)."""
+    return tokens[len(tokens) - count :] if count > 0 else []
+
+
+def cut_at_stop(text: str, until: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string of `until`."""
+    cut = min((text.find(stop) for stop in until if stop and stop in text), default=len(text))
+    return text[:cut]
+
+
+def batched(features: list, owners: list[int], size: int) -> Iterator[tuple[list, list[int]]]:
+    for start in range(0, len(features), size):
+        yield features[start : start + size], owners[start : start + size]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The harness's command line (`lm_eval ...`, same arguments) with `elastic_mdm` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+__all__ = ["ElasticMDMLM", "conditional_nelbo_terms"]
+
+if __name__ == "__main__":
+    main()
