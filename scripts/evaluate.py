@@ -22,8 +22,9 @@ those of `elastic_mdm.corpus.DataArguments` (as scripts/train.py); only the held
   the share that parses and validates with jsonschema. MDLM checkpoints get `--mdlm_gap_budget` masks per gap
   (paper §5.4).
 
-Writes `<output_dir>/evaluation.json`, `<output_dir>/evaluation.md`, and per checkpoint a length histogram PNG and
-the samples (JSONL).
+Writes `<output_dir>/evaluation.json`, `<output_dir>/evaluation.md`, and per checkpoint a length histogram PNG,
+`trajectory.png` (the active length of a few samples against the step), `length_sweep.png` (the K-sweep as a chart)
+and the samples (JSONL).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from elastic_mdm.evaluation import (
     write_reports,
     write_samples,
 )
+from elastic_mdm.plots import save_sweep_chart, save_trajectory_plot
 
 METRICS = ("nelbo", "calibration", "samples", "sweep", "structured")
 BUILTIN = "builtin"
@@ -165,6 +167,7 @@ def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, sc
     specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id)
     out: dict[str, Any] = {"samples": {"num_samples": args.num_samples, **sample_entropy(samples.ids, specials)}}
     out["samples"]["tokens_per_forward"] = samples.tokens_per_forward  # generated tokens per denoiser pass
+    out["trajectory_png"] = str(trajectory_plot(model, args, output_dir / "trajectory.png"))
     if scorer is not None:
         out["samples"].update(generative_perplexity(samples.texts, *scorer, batch_size=args.gen_ppl_batch_size))
     if data_lengths is not None:
@@ -175,7 +178,20 @@ def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, sc
     return out
 
 
-def sweep_metrics(model, tokenizer, dataset, args: EvaluationArguments, data_args: DataArguments) -> list[dict]:
+def trajectory_plot(model, args: EvaluationArguments, path: Path, num_samples: int = 6) -> Path:
+    """A few unconditional samples drawn again with their trajectory: active length against the step, as a PNG."""
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    out = model.generate(
+        num_return_sequences=num_samples, generator=generator, output_trajectory=True, return_dict_in_generate=True,
+        **args.sampling_kwargs(),
+    )  # fmt: skip
+    title = f"Active length per step ({model.config.objective}, K = {args.num_steps}, {args.schedule})"
+    return save_trajectory_plot(out.trajectory, path, title=title)
+
+
+def sweep_metrics(
+    model, tokenizer, dataset, args: EvaluationArguments, data_args: DataArguments, output_dir: Path | None = None
+) -> list[dict]:
     """Length fidelity at every K of `--sweep_steps` and schedule of `--sweep_schedules`, printed as a table, with
     the data-vs-data floor: a fresh draw of the synthetic task, else a bootstrap resample of the held-out lengths."""
     data_lengths = length_statistics(dataset)
@@ -193,6 +209,8 @@ def sweep_metrics(model, tokenizer, dataset, args: EvaluationArguments, data_arg
     )  # fmt: skip
     rows[0]["schedule"] = f"data ({label})"
     print(markdown_table(rows, list(rows[-1])))  # the sampled rows add tokens_per_forward
+    if output_dir is not None:
+        print(f"length sweep chart: {save_sweep_chart(rows, output_dir / 'length_sweep.png')}")
     return rows
 
 
@@ -228,7 +246,7 @@ def evaluate_checkpoint(name: str, args: EvaluationArguments, data_args: DataArg
         data_lengths = length_statistics(dataset) if dataset is not None else None
         results.update(sample_metrics(model, tokenizer, data_lengths, args, scorer, output_dir))
     if "sweep" in args.metrics and args.num_samples and dataset is not None:
-        results["length_sweep"] = sweep_metrics(model, tokenizer, dataset, args, data_args)
+        results["length_sweep"] = sweep_metrics(model, tokenizer, dataset, args, data_args, output_dir)
     tasks = structured_tasks(args, data_args, tokenizer) if "structured" in args.metrics else []
     if tasks:
         generator = torch.Generator(device=model.device).manual_seed(args.seed)

@@ -345,6 +345,8 @@ def test_evaluate_script_end_to_end(tmp_path) -> None:
     assert "nelbo.nelbo_bits_per_token" in markdown and "samples.gen_ppl" in markdown
     assert "samples.tokens_per_forward" in markdown
     assert (output / "tiny" / "length_histogram.png").exists() and (output / "tiny" / "samples.jsonl").exists()
+    assert (output / "tiny" / "trajectory.png").exists() and (output / "tiny" / "length_sweep.png").exists()
+    assert (output / "tiny-mdlm" / "trajectory.png").exists() and elastic["trajectory_png"].endswith("trajectory.png")
 
 
 def test_evaluate_metric_modules() -> None:
