@@ -421,7 +421,8 @@ def sample_elastic(
     ```
     `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
     last pass (no mask filled, nothing inserted) reuses that pass when `use_cache` (exact unless time-conditioned).
-    With `lock_length`, the total of the step-0 gap draws is kept and later steps only place it (`length_lock.py`).
+    With `lock_length`, every open gap of step 0 keeps the total it draws there (for an unconditional sample, its
+    length) and later steps only place it inside that gap's region (`length_lock.py`).
     `on_draft(state)`, when given, sees the state of every step that runs a pass, after its fill and before its
     insertion: every active token is then clean (a step fills all the masks the step before inserted).
 
@@ -439,7 +440,7 @@ def sample_elastic(
     )
     hidden, trajectory, num_passes, tokens_processed = None, [], 0, 0
     sequence_passes = torch.zeros(batch, dtype=torch.long, device=state.tokens.device)  # [B] passes that encoded it
-    remaining = None  # [B] positions still to reveal (lock_length)
+    remaining = regions = None  # lock_length: positions still to reveal per region, region of each token's gap
     for k in step_range(num_steps + 1, "elastic-mdm", progress_bar):
         if output_trajectory:
             trajectory.append(state.split())
@@ -470,8 +471,12 @@ def sample_elastic(
         owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap
         gap_logits = denoiser.gap_logits(hidden, open_rows, reveal[k]).float() / gap_temperature  # [open, G + 1]
         gaps = sample_categorical(gap_logits, gap_do_sample, generator)
-        if lock_length:  # the step-0 total stays; the gap head only places it (one more read)
-            counts, remaining = locked_insertions(gaps, gap_logits, owners, remaining, q, batch, generator)
+        if lock_length:  # every step-0 open gap keeps its drawn total; the gap head only places it (one more read)
+            if regions is None:  # region r: the r-th open gap of the first growing step, and all it grows into
+                regions, num_regions = state.open_after.long().cumsum(0) - 1, num_open  # [T]
+            counts, remaining = locked_insertions(
+                gaps, gap_logits, regions[open_rows], remaining, q, num_regions, generator
+            )
         else:
             counts = sample_binomial(gaps, q, generator)  # [open]
         growth = Growth.of(state.lengths, owners, counts, dirty)  # the step's one read
@@ -483,6 +488,8 @@ def sample_elastic(
         all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
         total = state.tokens.numel() + growth.inserted
         state, new_rows = insert_masks(state, all_counts, mask_token_id, total, growth.lengths)
+        if regions is not None:  # new masks sit inside their gap's region, as they inherit its open flag
+            regions = regions.repeat_interleave(all_counts + 1, output_size=total)
         hidden = hidden.new_empty(state.tokens.numel(), hidden.shape[-1]).index_copy_(0, new_rows, hidden)
         num_masks, num_open = growth.inserted, num_open + growth.inserted
 

@@ -1,23 +1,26 @@
-r"""Length-locked insertion: the sampler variant whose final length is the step-0 draw of the gap head.
+r"""Length-locked insertion: the sampler variant that keeps the lengths the gap head draws at step 0.
 
 The paper's sampler re-draws every gap `g_j ~ p_φ(· | z_k)` at every step and inserts `m_j ~ Binomial(g_j, q_k)`
 masks, independently per gap: the final length is the sum of K rounds of independent re-predictions, so any error
-of the gap head on the model's own (imperfect) fills adds up over the steps. The locked variant keeps the total
-that the step-0 draws fixed and lets the later steps only decide *where* the remaining positions go:
+of the gap head on the model's own (imperfect) fills adds up over the steps. The locked variant keeps the count each
+open gap of step 0 draws (for an unconditional sample: its length; for a template: the length of every value) and
+lets the later steps only decide *where* inside that gap's region the remaining positions go. A region is an open
+gap of step 0 and every gap that the masks inserted into it later split it into:
 
 ```
-R_b <- Σ_j g_j over the open gaps of sequence b at step 0            the length model's draw
-every step k:   g_j ~ p_φ(· | z_k)                                   placement weights, as in the paper
-                M_b ~ Binomial(R_b, q_k)                             how many positions step k + 1 reveals
-                m   = M_b slots drawn without replacement from the Σ_j g_j slots of sequence b
-                R_b <- R_b - M_b
+R_r <- g_r for every open gap r of step 0                       the length model's draw
+every step k:   g_j ~ p_φ(· | z_k)                              placement weights, as in the paper
+                M_r ~ Binomial(R_r, q_k)                        how many positions of region r step k + 1 reveals
+                m   = M_r slots drawn without replacement from the Σ_{j in r} g_j slots of region r
+                R_r <- R_r - M_r
 ```
 
-With an oracle gap head (`g_j` the true counts, so `Σ_j g_j = R_b`) the draw of `m` is the multivariate
-hypergeometric split of `M_b ~ Binomial(R_b, q_k)`, which is exactly the law of independent `Binomial(g_j, q_k)`:
+With an oracle gap head (`g_j` the true counts, so `Σ_{j in r} g_j = R_r`) the draw of `m` is the multivariate
+hypergeometric split of `M_r ~ Binomial(R_r, q_k)`, which is exactly the law of independent `Binomial(g_j, q_k)`:
 the forward process itself. Exact recovery and the `Binomial(n, F(k))` active counts hold as for the paper's
-sampler. When the model's slots run short (`Σ_j g_j < M_b`) the step inserts all of them and the rest waits; the last
-step (`q = 1`) places any remainder in one gap drawn in proportion to `E_φ[g_j]`, so the final length is `R_b`.
+sampler. When a region's slots run short (`Σ g_j < M_r`) the step inserts all of them and the rest waits; the last
+step (`q = 1`) places any remainder in one gap of the region drawn in proportion to `E_φ[g_j]`, so the region ends
+with exactly `R_r` positions. `owners` below are region ids.
 """
 
 from __future__ import annotations

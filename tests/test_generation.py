@@ -690,6 +690,28 @@ def test_locked_length_is_the_step_zero_draw() -> None:
     assert min(lengths(16, False)) > locked[1][0]
 
 
+def test_locked_template_keeps_every_gap_step_zero_draw() -> None:
+    """A template's open gaps are locked one by one: with greedy gaps, where the anchors land (the length of every
+    value) is the same for K = 1 and K = 16, while the paper's sampler moves them."""
+    model = build_model(seed=3)
+    classes = torch.arange(model.config.num_gap_classes, dtype=torch.float32)
+    with torch.no_grad():
+        model.gap_head.out_proj.bias.copy_(-0.5 * (classes - 4.0) ** 2)  # greedy counts near 4
+    template = [[BOS, ANCHORS[0], MASK, ANCHORS[1], MASK, ANCHORS[2], EOS]]
+
+    def anchor_positions(num_steps: int, lock_length: bool) -> list[list[int]]:
+        out = model.generate(
+            template_ids=template, num_return_sequences=4, num_steps=num_steps, gap_do_sample=False,
+            lock_length=lock_length, seed=0, return_dict_in_generate=True,
+        )  # fmt: skip
+        return [[i for i, t in enumerate(row.tolist()) if t in ANCHORS] for row in out.sequences]
+
+    locked = anchor_positions(1, True)
+    assert anchor_positions(16, True) == locked
+    assert locked[0][1] - locked[0][0] > 1 and locked[0][2] - locked[0][1] > 1  # both values grew
+    assert anchor_positions(16, False) != locked
+
+
 def test_locked_slots_are_hypergeometric() -> None:
     """`draw_slots`: M of the slots of a sequence drawn without replacement; gaps (2, 3), M = 2: P(m_1 = 0, 1, 2) =
     (3, 6, 1) / 10, within 4 standard errors over 20000 draws; a second sequence's slots stay its own."""
