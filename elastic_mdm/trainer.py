@@ -19,7 +19,7 @@ from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator, PackingCollat
 from .nelbo import ElasticNELBOCollator, elastic_nelbo_terms
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "elastic_mdm.md"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data (pyproject)
 
 OBJECTIVES = ("elastic", "mdlm")
 
@@ -160,7 +160,7 @@ class ElasticMDMTrainer(Trainer):
         return metrics
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
-        """Write `README.md` from `model_cards/elastic_mdm.md` (also what `push_to_hub` uploads)."""
+        """Write `README.md` from the package's `templates/model_card.md` (also what `push_to_hub` uploads)."""
         if not self.is_world_process_zero():
             return
         eval_results = {k: v for log in self.state.log_history for k, v in log.items() if k.startswith("eval_")}
