@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModel
 
 import elastic_mdm
-from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM, synthetic
-from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm.training import synthetic
+from elastic_mdm.training.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
 
 
 def main() -> None:

@@ -16,8 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.corpus import DataArguments, length_statistics, load_datasets
-from elastic_mdm.evaluation import (
+from elastic_mdm.evaluation.core import (
     builtin_structured_tasks,
     draw_samples,
     json_validity,
@@ -25,7 +24,8 @@ from elastic_mdm.evaluation import (
     nelbo_report,
     structured_validity,
 )
-from elastic_mdm.synthetic import SCHEMAS
+from elastic_mdm.training.corpus import DataArguments, length_statistics, load_datasets
+from elastic_mdm.training.synthetic import SCHEMAS
 
 SAMPLERS = {"paper": {"lock_length": False}, "locked": {"lock_length": True}}
 

@@ -3,11 +3,11 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_elastic_mdm import ElasticMDMConfig
-from .data import ElasticMDMCollator, MDLMCollator
 from .generation_elastic_mdm import ElasticMDMGenerateOutput, ElasticMDMGenerationConfig, sample_elastic, sample_mdlm
 from .modeling_elastic_mdm import ElasticMDMForDiffusionLM, ElasticMDMModel, ElasticMDMOutput
 from .packing import PackedSequences
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
+from .training.collators import ElasticMDMCollator, MDLMCollator
 
 AutoConfig.register("elastic_mdm", ElasticMDMConfig)
 AutoModel.register(ElasticMDMConfig, ElasticMDMForDiffusionLM)

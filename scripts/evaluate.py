@@ -7,7 +7,8 @@
 
 Checkpoints are local folders or Hub ids, loaded with the installed classes (their own code runs only with
 `--trust_remote_code`, as scripts/generate.py; docs/security.md). The data flags are
-those of `elastic_mdm.corpus.DataArguments` (as scripts/train.py); only the held-out split is used. Per checkpoint
+those of `elastic_mdm.training.corpus.DataArguments` (as scripts/train.py); only the held-out split is used.
+Per checkpoint
 (`--model_name_or_path`, and `--mdlm_checkpoint` side by side), the metrics `--metrics` selects:
 
 * `nelbo`: held-out NELBO of the K-step process (`--num_steps`, `--schedule`) in bits/token and its perplexity
@@ -40,9 +41,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
-from elastic_mdm.checkpoints import saved_tokenizer
-from elastic_mdm.corpus import DataArguments, check_vocab, length_statistics, load_datasets, load_tokenizer
-from elastic_mdm.evaluation import (
+from elastic_mdm.evaluation.core import (
     SWEEP_SCHEDULES,
     SWEEP_STEPS,
     builtin_structured_tasks,
@@ -66,7 +65,9 @@ from elastic_mdm.evaluation import (
     write_reports,
     write_samples,
 )
-from elastic_mdm.plots import save_sweep_chart, save_trajectory_plot
+from elastic_mdm.evaluation.plots import save_sweep_chart, save_trajectory_plot
+from elastic_mdm.loading.checkpoints import saved_tokenizer
+from elastic_mdm.training.corpus import DataArguments, check_vocab, length_statistics, load_datasets, load_tokenizer
 
 METRICS = ("nelbo", "calibration", "samples", "sweep", "structured")
 BUILTIN = "builtin"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from elastic_mdm.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
-from elastic_mdm.corpus import check_vocab
+from elastic_mdm.loading.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
+from elastic_mdm.training.corpus import check_vocab
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

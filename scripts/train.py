@@ -20,7 +20,8 @@ from transformers import HfArgumentParser, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.checkpoints import (
+from elastic_mdm.evaluation.core import sample_report
+from elastic_mdm.loading.checkpoints import (
     check_finite_weights,
     check_model_type,
     check_output_dir,
@@ -30,7 +31,7 @@ from elastic_mdm.checkpoints import (
     local_or_hub,
     saved_tokenizer,
 )
-from elastic_mdm.corpus import (
+from elastic_mdm.training.corpus import (
     DataArguments,
     check_vocab,
     ensure_special_tokens,
@@ -38,8 +39,7 @@ from elastic_mdm.corpus import (
     load_tokenizer,
     sync_config_with_tokenizer,
 )
-from elastic_mdm.evaluation import sample_report
-from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+from elastic_mdm.training.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
 
 
 @dataclass
@@ -263,9 +263,9 @@ def check_training_paths(
 
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
     """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
-    from elastic_mdm.corpus import length_statistics
-    from elastic_mdm.evaluation import builtin_structured_tasks, length_sweep, markdown_table
-    from elastic_mdm.synthetic import SCHEMAS
+    from elastic_mdm.evaluation.core import builtin_structured_tasks, length_sweep, markdown_table
+    from elastic_mdm.training.corpus import length_statistics
+    from elastic_mdm.training.synthetic import SCHEMAS
 
     model.eval()
     schemas = tasks = None

@@ -1,4 +1,4 @@
-"""The benchmark library and scripts/benchmark.py on tiny models (CPU, seconds): the oracle trajectory is the exact
+"""The benchmark library and benchmarks/benchmark.py on tiny models (CPU, seconds): the oracle trajectory is the exact
 forward process, the FLOP count is the stated formula, and both modes run end to end."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elastic_mdm import benchmark as bench
+from benchmarks import harness as bench
 from elastic_mdm.schedules import get_schedule
 
 LENGTH, VOCAB = 48, 128
@@ -131,10 +131,10 @@ TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_head
 
 
 def test_benchmark_script_oracle_mode(tmp_path: Path) -> None:
-    from test_scripts import load_script
+    from benchmarks import benchmark as benchmark_script
 
     output = tmp_path / "bench.md"
-    results = load_script("benchmark").main(
+    results = benchmark_script.main(
         [
             "--oracle",
             *TINY,
@@ -155,11 +155,11 @@ def test_benchmark_script_oracle_mode(tmp_path: Path) -> None:
 
 
 def test_benchmark_script_checkpoint_mode(tmp_path: Path) -> None:
-    from test_scripts import load_script
+    from benchmarks import benchmark as benchmark_script
 
     config = bench.oracle_config(32, 1, 2, 96, 40)
     bench.random_model(config).save_pretrained(tmp_path / "random")
-    results = load_script("benchmark").main(
+    results = benchmark_script.main(
         ["--checkpoint", str(tmp_path / "random"), *TINY, "--skip", "training", "--bucket", "16"]
     )
     rows = results["sampling"]["linear"]["rows"]

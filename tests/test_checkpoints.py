@@ -11,7 +11,7 @@ import torch
 from helpers import BOS, EOS, MASK, PAD, VOCAB, tiny_config
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.checkpoints import (
+from elastic_mdm.loading.checkpoints import (
     check_output_dir,
     check_resume_checkpoint,
     check_resume_config,
@@ -19,7 +19,7 @@ from elastic_mdm.checkpoints import (
     local_or_hub,
     looks_local,
 )
-from elastic_mdm.corpus import check_vocab
+from elastic_mdm.training.corpus import check_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

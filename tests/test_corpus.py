@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import HfArgumentParser, PreTrainedTokenizerFast
 
-from elastic_mdm import ElasticMDMConfig, synthetic
-from elastic_mdm.corpus import (
+from elastic_mdm import ElasticMDMConfig
+from elastic_mdm.training import synthetic
+from elastic_mdm.training.collators import ElasticMDMCollator
+from elastic_mdm.training.corpus import (
     ADDED_BOS_TOKEN,
     ADDED_EOS_TOKEN,
     ADDED_MASK_TOKEN,
@@ -25,7 +27,6 @@ from elastic_mdm.corpus import (
     sync_config_with_tokenizer,
     tokenize_documents,
 )
-from elastic_mdm.data import ElasticMDMCollator
 
 datasets = pytest.importorskip("datasets")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import EOS, MASK, PAD, tiny_config
 
+from benchmarks import harness as bench
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm import benchmark as bench
 from elastic_mdm.cuda_graphs import (
     CUDAGraphDenoiser,
     ShapeBucket,

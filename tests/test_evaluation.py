@@ -8,8 +8,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.corpus import sync_config_with_tokenizer
-from elastic_mdm.evaluation import (
+from elastic_mdm.evaluation.core import (
     builtin_structured_tasks,
     calibration_collator,
     calibration_table,
@@ -35,7 +34,8 @@ from elastic_mdm.evaluation import (
     wasserstein1,
     write_reports,
 )
-from elastic_mdm.synthetic import GAP, SCHEMAS, build_tokenizer, fill_template, synthetic_dataset, to_text
+from elastic_mdm.training.corpus import sync_config_with_tokenizer
+from elastic_mdm.training.synthetic import GAP, SCHEMAS, build_tokenizer, fill_template, synthetic_dataset, to_text
 
 
 def test_distances_hand_computed() -> None:

@@ -18,9 +18,9 @@ lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("jsonschema")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from elastic_mdm import synthetic  # noqa: E402
 from elastic_mdm.integrations.lm_eval import ElasticMDMLM, conditional_nelbo_terms  # noqa: E402
-from elastic_mdm.nelbo import ElasticNELBOCollator, elastic_nelbo_terms  # noqa: E402
+from elastic_mdm.training import synthetic  # noqa: E402
+from elastic_mdm.training.nelbo import ElasticNELBOCollator, elastic_nelbo_terms  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]

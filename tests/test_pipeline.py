@@ -15,7 +15,7 @@ from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
 from elastic_mdm.pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline
 
 pytest.importorskip("jsonschema")
-from elastic_mdm import synthetic  # noqa: E402
+from elastic_mdm.training import synthetic  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

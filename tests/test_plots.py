@@ -1,4 +1,4 @@
-"""The charts of `elastic_mdm/plots.py`: the trajectory plot and the K-sweep chart."""
+"""The charts of `elastic_mdm/evaluation/plots.py`: the trajectory plot and the K-sweep chart."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_config
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.plots import save_sweep_chart, save_trajectory_plot, trajectory_lengths
+from elastic_mdm.evaluation.plots import save_sweep_chart, save_trajectory_plot, trajectory_lengths
 
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

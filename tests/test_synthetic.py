@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from elastic_mdm import synthetic
-from elastic_mdm.synthetic import (
+from elastic_mdm.training import synthetic
+from elastic_mdm.training.synthetic import (
     GAP,
     SCHEMA_NAMES,
     SCHEMAS,

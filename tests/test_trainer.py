@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+from elastic_mdm.training.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
 
 pytest.importorskip("jsonschema")
-from elastic_mdm import synthetic  # noqa: E402
+from elastic_mdm.training import synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="module")

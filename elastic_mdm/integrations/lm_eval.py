@@ -38,10 +38,10 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
-from ..data import IGNORE_INDEX, TARGET_TOKENS, MDLMCollator
-from ..nelbo import NELBO_KEYS, ElasticNELBOCollator, gap_nelbo_terms
+from ..loading.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
 from ..packing import PackedSequences
+from ..training.collators import IGNORE_INDEX, TARGET_TOKENS, MDLMCollator
+from ..training.nelbo import NELBO_KEYS, ElasticNELBOCollator, gap_nelbo_terms
 
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
 

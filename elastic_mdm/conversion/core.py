@@ -66,8 +66,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .configuration_elastic_mdm import ElasticMDMConfig
-from .modeling_elastic_mdm import ElasticMDMForDiffusionLM
+from ..configuration_elastic_mdm import ElasticMDMConfig
+from ..modeling_elastic_mdm import ElasticMDMForDiffusionLM
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainingArguments
 
-from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator, PackingCollator
+from ..schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
+from .collators import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator, PackingCollator
 from .nelbo import ElasticNELBOCollator, elastic_nelbo_terms
-from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data (pyproject)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import IGNORE_INDEX, TARGET_TOKENS, PackingCollator, corrupt_packed, draw
-from .packing import PackedSequences
-from .schedules import RevealSchedule, get_schedule, reveal_probability
+from ..packing import PackedSequences
+from ..schedules import RevealSchedule, get_schedule, reveal_probability
+from .collators import IGNORE_INDEX, TARGET_TOKENS, PackingCollator, corrupt_packed, draw
 
 
 def log_binomial(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -54,20 +54,20 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from transformers.generation.logits_process import LogitsProcessorList
 
-from .configuration_elastic_mdm import ElasticMDMConfig
-from .cuda_graphs import CUDAGraphDenoiser, StaticShapeDenoiser
-from .data import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator
-from .evaluation import markdown_table
-from .generation_elastic_mdm import (
+from elastic_mdm.configuration_elastic_mdm import ElasticMDMConfig
+from elastic_mdm.cuda_graphs import CUDAGraphDenoiser, StaticShapeDenoiser
+from elastic_mdm.evaluation.core import markdown_table
+from elastic_mdm.generation_elastic_mdm import (
     ActiveState,
     ElasticMDMGenerateOutput,
     sample_elastic,
     sample_mdlm,
     tokens_per_forward,
 )
-from .modeling_elastic_mdm import ElasticMDMForDiffusionLM
-from .packing import PackedSequences
-from .schedules import NoiseLevelSampler, RevealSchedule
+from elastic_mdm.modeling_elastic_mdm import ElasticMDMForDiffusionLM
+from elastic_mdm.packing import PackedSequences
+from elastic_mdm.schedules import NoiseLevelSampler, RevealSchedule
+from elastic_mdm.training.collators import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator
 
 H100_BF16_DENSE_TFLOPS = 989.0
 

@@ -116,7 +116,7 @@ def load_checkpoint(
 
         model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     else:
-        from .modeling_elastic_mdm import ElasticMDMForDiffusionLM
+        from ..modeling_elastic_mdm import ElasticMDMForDiffusionLM
 
         model = ElasticMDMForDiffusionLM.from_pretrained(path, **kwargs)
     check_finite_weights(model, repr(name))

@@ -1,18 +1,18 @@
 """Benchmark Elastic-MDM against MDLM on the same backbone: sampling latency / throughput and training step time.
 
     # oracle trajectory mode: a random model of the requested size, exact forward-process lengths (no training)
-    python scripts/benchmark.py --oracle --hidden_size 768 --num_hidden_layers 12 --num_attention_heads 12 \
+    python -m benchmarks.benchmark --oracle --hidden_size 768 --num_hidden_layers 12 --num_attention_heads 12 \
         --vocab_size 50258 --length 1024 --num_steps 1024 --batch_size 32 --schedule linear exponential \
         --device cuda --dtype bf16
     # a trained checkpoint (its gap head sets the lengths); MDLM runs on the same backbone or --mdlm_checkpoint
-    python scripts/benchmark.py --checkpoint outputs/tiny-elastic --num_steps 64 --batch_size 16
+    python -m benchmarks.benchmark --checkpoint outputs/tiny-elastic --num_steps 64 --batch_size 16
     # seconds on a CPU
-    python scripts/benchmark.py --oracle --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 2 \
+    python -m benchmarks.benchmark --oracle --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 2 \
         --vocab_size 256 --length 64 --num_steps 64 --batch_size 4
 
 Prints Markdown tables (machine, batch, length, K, schedule; medians, FLOPs, MFU against --peak_tflops, and the
 ratios Elastic / MDLM) and writes them with --output (Markdown, plus the same numbers as JSON next to it).
-See `elastic_mdm/benchmark.py` for the FLOP formula and what each mode measures.
+See `benchmarks/harness.py` for the FLOP formula and what each mode measures.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from elastic_mdm import benchmark as bench
-from elastic_mdm.checkpoints import load_checkpoint
+from benchmarks import harness as bench
+from elastic_mdm.loading.checkpoints import load_checkpoint
 from elastic_mdm.schedules import get_schedule
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoints import load_checkpoint, local_or_hub
-from .data import IGNORE_INDEX, ElasticMDMCollator
-from .packing import PackedSequences
-from .schedules import NoiseLevelSampler, get_schedule
-from .synthetic import GAP, SCHEMAS, json_template, merge_text, template_token_ids, to_text, validate_text
+from ..loading.checkpoints import load_checkpoint, local_or_hub
+from ..packing import PackedSequences
+from ..schedules import NoiseLevelSampler, get_schedule
+from ..training.collators import IGNORE_INDEX, ElasticMDMCollator
+from ..training.synthetic import GAP, SCHEMAS, json_template, merge_text, template_token_ids, to_text, validate_text
 
 
 def empirical_cdfs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,7 +357,7 @@ def nelbo_report(
     step 0 exactly plus `K · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence; MDLM's bound for
     `mdlm`). With `num_draws > 1` the metrics average that many independent noise draws of the data (seeds `seed`,
     `seed + 1`, ...) and `nelbo_bits_per_token_se` is the standard error of the bits per token between draws."""
-    from .trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
+    from ..training.trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
 
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}.")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The H100 measurements of docs/benchmarks.md, in parts that each fit one 10-minute device call.
 #
-#   bash scripts/gpu_benchmarks.sh PART [OUT_DIR]      (OUT_DIR: default $OUT, else bench_out)
+#   bash benchmarks/gpu_benchmarks.sh PART [OUT_DIR]      (OUT_DIR: default $OUT, else bench_out)
 #
 # PART:
 #   check  the CUDA tests (backend equality, CUDA graph replay) and a tiny graphed benchmark     (~1 min)
@@ -24,13 +24,13 @@ python -c "import torch, transformers; print('torch', torch.__version__, 'transf
 
 size=(--oracle --hidden_size 768 --num_hidden_layers 12 --num_attention_heads 12 --vocab_size 50258 --length 1024
       --num_steps 1024 --device cuda --dtype bf16 --attn_implementation varlen_attn)
-bench() { python scripts/benchmark.py "${size[@]}" "$@"; }
+bench() { python -m benchmarks.benchmark "${size[@]}" "$@"; }
 
 case $part in
   check)
     python -m pytest -q -m gpu -p no:cacheprovider tests/test_modeling.py tests/test_cuda_graphs.py 2>&1 \
         | tee "$out/gpu_tests.log"
-    python scripts/benchmark.py --oracle --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 2 \
+    python -m benchmarks.benchmark --oracle --hidden_size 64 --num_hidden_layers 2 --num_attention_heads 2 \
         --vocab_size 256 --length 64 --num_steps 64 --batch_size 4 --schedule linear --device cuda --dtype bf16 \
         --attn_implementation varlen_attn --cuda_graphs --skip training --output "$out/tiny_graphs.md"
     ;;
