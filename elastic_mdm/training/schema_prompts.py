@@ -1,0 +1,147 @@
+"""Training features of structured-output rows `{"schema": ..., "instance": ...}` (the layout of
+`benchmarks/schemastore.py` and `scripts/evaluate.py --structured_tasks`), in the schema-only setting of the paper
+(§5.4): the compact schema text is a prompt, the instance's JSON structure (braces, brackets, keys, colons, commas,
+the quotes of strings) is anchored, and the scalar values are what the model learns to write.
+
+A row becomes `BOS + schema_text + "\n" + structure-with-values + EOS` with `anchor_mask` True on the prompt and the
+structure, so the collators never noise them and the model is trained exactly on the infilling problem that
+`generate(template_ids=...)` poses at evaluation (`evaluation` builds the same template with `schema_prompt=True`).
+
+For the MDLM baseline (`gap_budget=B`), every value is followed by `B - len(value)` pad tokens (values longer than
+`B` tokens make the row unusable): MDLM fills a template through fixed placeholders of `B` masks per gap and
+writes pads where a value is shorter, so it is trained on the same canvas it samples (pads in a gap are dropped
+from its output).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .synthetic import GAP, merge_text, to_text
+
+PROMPT_SEPARATOR = "\n"
+
+
+def instance_template(instance: Any) -> list[str | None]:
+    """Pieces of the compact JSON of `instance` (`synthetic.to_text`) with every scalar value an open gap (`GAP`):
+    keys, braces, brackets, colons, commas and the quotes of strings are text; a string's content, a number, a
+    boolean or null is one gap. Arrays keep the instance's number of elements. Adjacent text pieces are merged."""
+    if isinstance(instance, dict):
+        parts: list[str | None] = ["{"]
+        for i, (key, value) in enumerate(instance.items()):
+            parts += [("," if i else "") + to_text(key) + ":", *instance_template(value)]
+        return merge_text([*parts, "}"])
+    if isinstance(instance, list):
+        parts = ["["]
+        for i, value in enumerate(instance):
+            parts += [","] * bool(i) + instance_template(value)
+        return merge_text([*parts, "]"])
+    return ['"', GAP, '"'] if isinstance(instance, str) else [GAP]
+
+
+def instance_values(instance: Any) -> list[str]:
+    """Text of each gap of `instance_template(instance)`, in order: a string's JSON-escaped content without its
+    quotes, any other scalar's compact JSON. `"".join` of template text and values is `to_text(instance)`."""
+    if isinstance(instance, dict):
+        return [v for value in instance.values() for v in instance_values(value)]
+    if isinstance(instance, list):
+        return [v for value in instance for v in instance_values(value)]
+    text = to_text(instance)
+    return [text[1:-1]] if isinstance(instance, str) else [text]
+
+
+def structured_pieces(schema: dict, instance: Any, schema_prompt: bool = True) -> list[str | None]:
+    """Template pieces of a row: the schema text and `PROMPT_SEPARATOR` (when `schema_prompt`), then the
+    instance's structure with a `GAP` at each value."""
+    prompt = [to_text(schema) + PROMPT_SEPARATOR] if schema_prompt else []
+    return merge_text([*prompt, *instance_template(instance)])
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of `text` alone, without BOS or EOS."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def template_from_pieces(tokenizer, pieces: Sequence[str | None]) -> list[int]:
+    """`BOS` + each text piece tokenized on its own + `EOS`, with the mask token at each `GAP`: the layout
+    `generate(template_ids=...)` takes."""
+    ids = [tokenizer.bos_token_id]
+    for piece in pieces:
+        ids += [tokenizer.mask_token_id] if piece is GAP else encode_text(tokenizer, piece)
+    return [*ids, tokenizer.eos_token_id]
+
+
+def structured_feature(
+    tokenizer, schema: dict, instance: Any, *, schema_prompt: bool = True, gap_budget: int | None = None
+) -> dict[str, list] | None:
+    """`{"input_ids", "anchor_mask"}` of one row: template tokens are anchors, each value's tokens are not (padded to
+    `gap_budget` tokens with the pad token when given). None if a value is longer than `gap_budget` tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids: list[int] = []
+    anchors: list[bool] = []
+    values = iter(instance_values(instance))
+    for token in template_from_pieces(tokenizer, structured_pieces(schema, instance, schema_prompt)):
+        if token != tokenizer.mask_token_id:
+            ids.append(token)
+            anchors.append(True)
+            continue
+        value = encode_text(tokenizer, next(values))
+        if gap_budget is not None:
+            if len(value) > gap_budget:
+                return None
+            value += [pad] * (gap_budget - len(value))
+        ids += value
+        anchors += [False] * len(value)
+    return {"input_ids": ids, "anchor_mask": anchors}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a `{"schema", "instance"}` JSONL file (blank lines skipped); a row without both keys is an
+    error naming its line."""
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not isinstance(row, dict) or "schema" not in row or "instance" not in row:
+                raise ValueError(f"{path}:{number}: a structured row needs the keys 'schema' and 'instance'.")
+            rows.append(row)
+    return rows
+
+
+def structured_features(
+    tokenizer,
+    rows: Iterable[dict],
+    *,
+    max_length: int,
+    schema_prompt: bool = True,
+    gap_budget: int | None = None,
+) -> tuple[list[dict[str, list]], int]:
+    """Features of every row that fits: at most `max_length` tokens and (with `gap_budget`) no value longer than the
+    budget. Returns the features and how many rows were left out, so that callers can report it."""
+    features, left_out = [], 0
+    for row in rows:
+        feature = structured_feature(
+            tokenizer, row["schema"], row["instance"], schema_prompt=schema_prompt, gap_budget=gap_budget
+        )
+        if feature is None or len(feature["input_ids"]) > max_length:
+            left_out += 1
+        else:
+            features.append(feature)
+    return features, left_out
+
+
+__all__ = [
+    "PROMPT_SEPARATOR",
+    "instance_template",
+    "instance_values",
+    "structured_pieces",
+    "template_from_pieces",
+    "structured_feature",
+    "read_rows",
+    "structured_features",
+]
