@@ -13,7 +13,8 @@ from transformers import AutoModel
 import elastic_mdm
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
 from elastic_mdm.training import synthetic
-from elastic_mdm.training.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
+from elastic_mdm.training.trainer import ElasticMDMTrainer
 
 
 def main() -> None:

@@ -16,15 +16,12 @@ import torch
 from transformers import AutoTokenizer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.evaluation.core import (
-    builtin_structured_tasks,
-    draw_samples,
-    json_validity,
-    length_sweep,
-    nelbo_report,
-    structured_validity,
-)
-from elastic_mdm.training.corpus import DataArguments, length_statistics, load_datasets
+from elastic_mdm.evaluation.lengths import length_sweep
+from elastic_mdm.evaluation.nelbo import nelbo_report
+from elastic_mdm.evaluation.samples import draw_samples
+from elastic_mdm.evaluation.structured import builtin_structured_tasks, json_validity, structured_validity
+from elastic_mdm.training.arguments import DataArguments
+from elastic_mdm.training.corpus import length_statistics, load_datasets
 from elastic_mdm.training.synthetic import SCHEMAS
 
 SAMPLERS = {"paper": {"lock_length": False}, "locked": {"lock_length": True}}

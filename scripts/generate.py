@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from elastic_mdm.loading.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
-from elastic_mdm.training.corpus import check_vocab
+from elastic_mdm.training.tokenizer import check_vocab
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

@@ -31,15 +31,15 @@ from elastic_mdm.loading.checkpoints import (
     local_or_hub,
     saved_tokenizer,
 )
-from elastic_mdm.training.corpus import (
-    DataArguments,
+from elastic_mdm.training.arguments import DataArguments, ElasticMDMTrainingArguments
+from elastic_mdm.training.corpus import load_datasets
+from elastic_mdm.training.tokenizer import (
     check_vocab,
+    data_tokenizer,
     ensure_special_tokens,
-    load_datasets,
-    load_tokenizer,
     sync_config_with_tokenizer,
 )
-from elastic_mdm.training.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+from elastic_mdm.training.trainer import ElasticMDMTrainer
 
 
 @dataclass
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 3. tokenizer (the model's own when fine-tuning; BOS / EOS / mask added when missing) and model
     source = local_or_hub(model_args.model_name_or_path) if model_args.model_name_or_path else None
-    tokenizer = load_tokenizer(data_args, source, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = data_tokenizer(data_args, source, trust_remote_code=model_args.trust_remote_code)
     ensure_special_tokens(tokenizer)
     model = build_model(model_args, tokenizer)
     if training_args.resume_from_checkpoint:

@@ -19,7 +19,7 @@ from elastic_mdm.loading.checkpoints import (
     local_or_hub,
     looks_local,
 )
-from elastic_mdm.training.corpus import check_vocab
+from elastic_mdm.training.tokenizer import check_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

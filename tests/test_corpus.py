@@ -10,22 +10,18 @@ from transformers import HfArgumentParser, PreTrainedTokenizerFast
 
 from elastic_mdm import ElasticMDMConfig
 from elastic_mdm.training import synthetic
+from elastic_mdm.training.arguments import DataArguments
+from elastic_mdm.training.chunking import split_into_examples, tokenize_documents
 from elastic_mdm.training.collators import ElasticMDMCollator
-from elastic_mdm.training.corpus import (
+from elastic_mdm.training.corpus import infer_builder, length_statistics, length_summary, load_datasets
+from elastic_mdm.training.tokenizer import (
     ADDED_BOS_TOKEN,
     ADDED_EOS_TOKEN,
     ADDED_MASK_TOKEN,
-    DataArguments,
     check_vocab,
+    data_tokenizer,
     ensure_special_tokens,
-    infer_builder,
-    length_statistics,
-    length_summary,
-    load_datasets,
-    load_tokenizer,
-    split_into_examples,
     sync_config_with_tokenizer,
-    tokenize_documents,
 )
 
 datasets = pytest.importorskip("datasets")
@@ -356,13 +352,13 @@ def test_check_vocab_and_sync(tokenizer):
 
 
 def test_load_tokenizer(tokenizer, tmp_path):
-    built = load_tokenizer(DataArguments(dataset_name="synthetic-json"))
+    built = data_tokenizer(DataArguments(dataset_name="synthetic-json"))
     assert built.mask_token_id == 3 and built.bos_token_id == 0
     tokenizer.save_pretrained(tmp_path / "tok")
-    loaded = load_tokenizer(DataArguments(tokenizer_name=str(tmp_path / "tok")))
+    loaded = data_tokenizer(DataArguments(tokenizer_name=str(tmp_path / "tok")))
     assert loaded("{}")["input_ids"] == tokenizer("{}")["input_ids"]
     with pytest.raises(ValueError, match="Could not load the tokenizer"):
-        load_tokenizer(DataArguments(tokenizer_name=str(tmp_path / "nothing-here")))
+        data_tokenizer(DataArguments(tokenizer_name=str(tmp_path / "nothing-here")))
 
 
 def test_length_statistics_inputs(tokenizer):

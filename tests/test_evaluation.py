@@ -8,34 +8,37 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.evaluation.core import (
-    builtin_structured_tasks,
-    calibration_collator,
-    calibration_table,
-    gap_calibration,
-    generative_perplexity,
-    heldout_batches,
-    instance_template,
-    json_validity,
+from elastic_mdm.evaluation.calibration import calibration_collator, calibration_table, gap_calibration, noise_bins
+from elastic_mdm.evaluation.cli import main as evaluate_main
+from elastic_mdm.evaluation.lengths import (
     ks_statistic,
     length_histogram_table,
     length_report,
-    load_causal_lm,
+    total_variation,
+    wasserstein1,
+)
+from elastic_mdm.evaluation.nelbo import heldout_batches, nelbo_report
+from elastic_mdm.evaluation.perplexity import generative_perplexity, load_causal_lm, scorer_windows
+from elastic_mdm.evaluation.plots import save_length_histogram
+from elastic_mdm.evaluation.reports import write_reports
+from elastic_mdm.evaluation.samples import sample_entropy, unigram_entropy
+from elastic_mdm.evaluation.structured import (
+    builtin_structured_tasks,
+    json_validity,
     load_structured_tasks,
-    nelbo_report,
-    noise_bins,
-    sample_entropy,
-    save_length_histogram,
-    scorer_windows,
     structured_validity,
     template_fits,
-    total_variation,
-    unigram_entropy,
-    wasserstein1,
-    write_reports,
 )
-from elastic_mdm.training.corpus import sync_config_with_tokenizer
-from elastic_mdm.training.synthetic import GAP, SCHEMAS, build_tokenizer, fill_template, synthetic_dataset, to_text
+from elastic_mdm.training.synthetic import (
+    GAP,
+    SCHEMAS,
+    build_tokenizer,
+    fill_template,
+    instance_template,
+    synthetic_dataset,
+    to_text,
+)
+from elastic_mdm.training.tokenizer import sync_config_with_tokenizer
 
 
 def test_distances_hand_computed() -> None:
@@ -301,7 +304,7 @@ def test_reports(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# scripts/evaluate.py end to end
+# The evaluate command (scripts/evaluate.py, evaluation.cli.main) end to end
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -319,7 +322,7 @@ def test_evaluate_script_end_to_end(tmp_path) -> None:
     tokenizer.save_pretrained(tmp_path / "tiny-mdlm")
     scorer = save_tiny_gpt2(tokenizer, tmp_path / "gpt2")
     output = tmp_path / "report"
-    report = load_script("evaluate").main([
+    report = evaluate_main([
         "--model_name_or_path", str(checkpoint), "--mdlm_checkpoint", str(tmp_path / "tiny-mdlm"),
         "--dataset_name", "synthetic-json", "--num_synthetic_eval_records", "32", "--data_seed", "0",
         "--num_steps", "4", "--num_samples", "8", "--gen_ppl_model", str(scorer), "--num_per_template", "1",

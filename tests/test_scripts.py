@@ -135,8 +135,8 @@ def test_deepspeed_zero3_lora_merges_and_reloads(tmp_path: Path, isolated_python
     pytest.importorskip("deepspeed")
     pytest.importorskip("peft")
     from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-    from elastic_mdm.training.corpus import ensure_special_tokens, sync_config_with_tokenizer
     from elastic_mdm.training.synthetic import build_tokenizer
+    from elastic_mdm.training.tokenizer import ensure_special_tokens, sync_config_with_tokenizer
 
     tokenizer = build_tokenizer()
     ensure_special_tokens(tokenizer)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.training.trainer import ElasticMDMTrainer, ElasticMDMTrainingArguments
+from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
+from elastic_mdm.training.trainer import ElasticMDMTrainer
 
 pytest.importorskip("jsonschema")
 from elastic_mdm.training import synthetic  # noqa: E402

@@ -357,7 +357,8 @@ def nelbo_report(
     step 0 exactly plus `K · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence; MDLM's bound for
     `mdlm`). With `num_draws > 1` the metrics average that many independent noise draws of the data (seeds `seed`,
     `seed + 1`, ...) and `nelbo_bits_per_token_se` is the standard error of the bits per token between draws."""
-    from ..training.trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
+    from ..training.arguments import ElasticMDMTrainingArguments
+    from ..training.trainer import make_collators, nelbo_metrics
 
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}.")

@@ -1,14 +1,9 @@
-"""Text corpora for Elastic-MDM: data arguments, tokenizer set-up, document chunking and dataset loading.
+"""Datasets for Elastic-MDM: the raw documents of a source, tokenized into examples, and their length statistics.
 
 Every example this module produces is one clean sequence `x0 = (BOS, y_1 .. y_n, EOS)` with
-`0 <= n <= max_length - 2` (design §1), stored as a single `input_ids` column at its natural length (never padded to
-a canvas): the features `ElasticMDMCollator` and `MDLMCollator` consume, with `max_length` the model's
-`max_position_embeddings`.
-
-Documents are tokenized WITHOUT special tokens and with `split_special_tokens=True` (a literal `"<mask>"` in raw text
-is text, not the mask id). A document of more than `max_length - 2` tokens is split into consecutive chunks of at
-most `max_length - 2` tokens, each wrapped as `BOS + chunk + EOS`: nothing is truncated or dropped, so the chunk
-interiors concatenate back to the document's ids. Empty documents (blank after `strip()`) are dropped (and counted
+`0 <= n <= max_length - 2` (docs/design.md §1; chunking in `chunking.py`), stored as a single `input_ids` column at
+its natural length (never padded to a canvas): the features `ElasticMDMCollator` and `MDLMCollator` consume, with
+`max_length` the model's `max_position_embeddings`. Empty documents (blank after `strip()`) are dropped (and counted
 in the log) unless `keep_empty_documents` is set, in which case each becomes an `n = 0` example `[BOS, EOS]`.
 
 Sources (`DataArguments`): the built-in synthetic JSON task (`dataset_name="synthetic-json"`, see `synthetic.py`), a
@@ -25,23 +20,21 @@ from __future__ import annotations
 import functools
 import glob
 import itertools
-import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
 from . import synthetic
+from .arguments import SYNTHETIC_DATASET, DataArguments
+from .chunking import check_max_length, tokenize_documents
+from .tokenizer import anchor_ids, where_hub
 
 logger = logging.get_logger(__name__)
 
-SYNTHETIC_DATASET = "synthetic-json"
-# Tokens `ensure_special_tokens` adds when a tokenizer lacks them.
-ADDED_BOS_TOKEN, ADDED_EOS_TOKEN, ADDED_MASK_TOKEN = "<|bos|>", "<|eos|>", "<|mask|>"
 # File extension -> `datasets` packaged builder.
 FILE_BUILDERS = {
     ".txt": "text",
@@ -52,381 +45,7 @@ FILE_BUILDERS = {
     ".csv": "csv",
 }
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
-TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 SYNTHETIC_EVAL_SEED_OFFSET = 1_000_003  # eval records use `seed + offset`, train records `seed`
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Arguments
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataArguments:
-    """Where the training and evaluation text comes from and how it is tokenized (parse with `HfArgumentParser`)."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": f"Hub dataset id (e.g. 'lm1b', 'openwebtext'; read from the local cache when HF_HUB_OFFLINE=1) or "
-            f"'{SYNTHETIC_DATASET}' for the built-in synthetic JSON task. Leave unset to use --train_files."
-        },
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Configuration name of the Hub dataset (the second argument of load_dataset)."}
-    )
-    train_files: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Local training files (txt: one document per line by default, json/jsonl, parquet, csv; "
-            "optionally .gz/.bz2/.xz/.zst). The datasets builder is inferred from the extension."
-        },
-    )
-    eval_files: list[str] | None = field(
-        default=None, metadata={"help": "Local evaluation files (same format as --train_files)."}
-    )
-    text_column: str = field(default="text", metadata={"help": "Column holding the raw text of each document."})
-    train_split: str = field(default="train", metadata={"help": "Split used for training."})
-    eval_split: str = field(
-        default="validation",
-        metadata={
-            "help": "Split used for evaluation; if missing, --eval_fraction of the training documents is held out."
-        },
-    )
-    eval_fraction: float = field(
-        default=0.01,
-        metadata={
-            "help": "Share of the training documents carved off (seeded, at least one) as the eval set when the "
-            "dataset has no --eval_split."
-        },
-    )
-    streaming: bool = field(
-        default=False, metadata={"help": "Stream the dataset (IterableDataset) instead of loading and caching it."}
-    )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep at most this many training examples (chunks), for quick runs."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep at most this many evaluation examples (chunks)."}
-    )
-    num_synthetic_records: int = field(default=20000, metadata={"help": f"Training records of '{SYNTHETIC_DATASET}'."})
-    synthetic_anchor_share: float = field(
-        default=0.0,
-        metadata={"help": f"Share of '{SYNTHETIC_DATASET}' training records whose JSON structure is anchored."},
-    )
-    num_synthetic_eval_records: int = field(
-        default=1000, metadata={"help": f"Evaluation records of '{SYNTHETIC_DATASET}' (drawn with another seed)."}
-    )
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc); not used when streaming."}
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokenizer folder or Hub id. Unset: the model's tokenizer when a model path is given, else the "
-            "synthetic task's byte-level BPE is built."
-        },
-    )
-    keep_empty_documents: bool = field(
-        default=False,
-        metadata={"help": "Keep blank documents as n=0 examples [BOS, EOS] instead of dropping them."},
-    )
-    text_sample_by: str = field(
-        default="line",
-        metadata={
-            "help": "For .txt files: one document per line, per paragraph (blank-line separated) or per file.",
-            "choices": list(TEXT_SAMPLE_BY),
-        },
-    )
-    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and tokenizers."})
-
-    def __post_init__(self) -> None:
-        if isinstance(self.train_files, str):
-            self.train_files = [self.train_files]
-        if isinstance(self.eval_files, str):
-            self.eval_files = [self.eval_files]
-        if self.dataset_name is not None and self.train_files:
-            raise ValueError("Give either --dataset_name or --train_files, not both.")
-        if self.eval_files and not self.train_files:
-            raise ValueError("--eval_files needs --train_files (or use --dataset_name with --eval_split).")
-        if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction={self.eval_fraction} must lie strictly between 0 and 1.")
-        if self.text_sample_by not in TEXT_SAMPLE_BY:
-            raise ValueError(f"text_sample_by={self.text_sample_by!r} is unknown; use one of {TEXT_SAMPLE_BY}.")
-        if not 0.0 <= self.synthetic_anchor_share <= 1.0:
-            raise ValueError(f"synthetic_anchor_share={self.synthetic_anchor_share} must lie in [0, 1].")
-
-    @property
-    def is_synthetic(self) -> bool:
-        """True for the built-in synthetic JSON task."""
-        return self.dataset_name == SYNTHETIC_DATASET
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenizer and config
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(
-    data_args: DataArguments, model_name_or_path: str | None = None, **kwargs: Any
-) -> PreTrainedTokenizerBase:
-    """The tokenizer `data_args.tokenizer_name` (else `model_name_or_path`) names, or the synthetic task's BPE.
-
-    A name is a local folder or a Hub id (`AutoTokenizer.from_pretrained`, extra `kwargs` passed on). With neither,
-    `synthetic.build_tokenizer()` is trained (a few seconds). The tokenizer is returned as loaded: call
-    `ensure_special_tokens` next and resize the model's embeddings if it added tokens.
-    """
-    name = data_args.tokenizer_name or model_name_or_path
-    if name is None:
-        if not data_args.is_synthetic:
-            logger.warning(
-                "No --tokenizer_name given: building the synthetic JSON task's byte-level BPE, which fits "
-                f"'{SYNTHETIC_DATASET}' but tokenizes natural text poorly."
-            )
-        return synthetic.build_tokenizer()
-    try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=data_args.cache_dir, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"Could not load the tokenizer {name!r}: it is not a local folder with tokenizer files and could not be "
-            f"found {_where_hub()}. Pass a local tokenizer folder with --tokenizer_name, or leave it unset to build "
-            f"the synthetic tokenizer. Cause: {err}"
-        ) from err
-
-
-def _lacks(tokenizer: PreTrainedTokenizerBase, role: str) -> bool:
-    """True when `tokenizer` has no `role` ('bos', 'eos', 'mask', 'pad') token with an id."""
-    return getattr(tokenizer, f"{role}_token", None) is None or getattr(tokenizer, f"{role}_token_id", None) is None
-
-
-def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Give `tokenizer` the BOS, EOS, mask and pad tokens Elastic-MDM needs; return the tokens new to its vocabulary.
-
-    The automatic fix, in place:
-
-    * EOS but no BOS: BOS := EOS (the GPT-2 convention, where `<|endoftext|>` opens and closes every document);
-    * BOS but no EOS: add `<|eos|>`; neither: add `<|bos|>` and `<|eos|>`;
-    * no mask token: add `<|mask|>`;
-    * no pad token: pad := EOS (collators never need a distinct pad).
-
-    Tokens already in the vocabulary are reused and not reported. When the returned list is non-empty,
-    `len(tokenizer)` grew: call `model.resize_token_embeddings(len(tokenizer))` (or build a new config with
-    `sync_config_with_tokenizer`).
-    """
-    old_size = len(tokenizer)
-    new: dict[str, str] = {}
-    if _lacks(tokenizer, "eos"):
-        new["eos_token"] = ADDED_EOS_TOKEN
-    if _lacks(tokenizer, "bos") and "eos_token" in new:
-        new["bos_token"] = ADDED_BOS_TOKEN
-    if _lacks(tokenizer, "mask"):
-        new["mask_token"] = ADDED_MASK_TOKEN
-    if new:
-        tokenizer.add_special_tokens(new)
-    if _lacks(tokenizer, "bos"):
-        tokenizer.bos_token = tokenizer.eos_token
-        logger.info(f"The tokenizer has no BOS token: using EOS {tokenizer.eos_token!r} as BOS.")
-    if _lacks(tokenizer, "pad"):
-        tokenizer.pad_token = tokenizer.eos_token
-    added = [token for token in new.values() if tokenizer.convert_tokens_to_ids(token) >= old_size]
-    if added:
-        logger.warning(
-            f"Added special tokens {added} to the tokenizer ({old_size} -> {len(tokenizer)} tokens); resize the "
-            "model's embeddings with model.resize_token_embeddings(len(tokenizer))."
-        )
-    return added
-
-
-def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
-    """`{"bos_token_id", "eos_token_id", "mask_token_id"}` of `tokenizer`; a ValueError names any that is missing."""
-    missing = [role for role in ("bos", "eos", "mask") if _lacks(tokenizer, role)]
-    if missing:
-        raise ValueError(
-            f"The tokenizer has no {', '.join(missing)} token; call ensure_special_tokens(tokenizer) to add them "
-            "(then resize the model's embeddings)."
-        )
-    return {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("bos", "eos", "mask")}
-
-
-def vocabulary_differences(
-    tokenizer: PreTrainedTokenizerBase, reference: PreTrainedTokenizerBase, limit: int = 5
-) -> tuple[int, list[str]]:
-    """How many tokens of `reference` have another id (or none) in `tokenizer`, and the first `limit` of them.
-
-    Tokens `tokenizer` adds beyond `reference` (e.g. a mask token `ensure_special_tokens` appended) are allowed."""
-    vocab = tokenizer.get_vocab()
-    differing = sorted(
-        (token_id, token) for token, token_id in reference.get_vocab().items() if vocab.get(token) != token_id
-    )
-    examples = [f"{token!r}: id {token_id} in the checkpoint, {vocab.get(token)} here" for token_id, token in differing]
-    return len(differing), examples[:limit]
-
-
-def check_vocab(
-    config: PreTrainedConfig,
-    tokenizer: PreTrainedTokenizerBase,
-    checkpoint_tokenizer: PreTrainedTokenizerBase | None = None,
-) -> None:
-    """Raise a ValueError listing every way `config` and `tokenizer` disagree, with the fix for each.
-
-    Checked: `len(tokenizer) <= config.vocab_size` (a larger tokenizer emits ids without an embedding), that the
-    config's BOS, EOS and mask ids equal the tokenizer's (the collator and the sampler use the config's), and, given
-    the tokenizer saved with the checkpoint (`checkpoint_tokenizer`), that every one of its tokens keeps its id: the
-    same vocabulary, not only the same size.
-    """
-    problems = []
-    if checkpoint_tokenizer is not None:
-        count, examples = vocabulary_differences(tokenizer, checkpoint_tokenizer)
-        if count:
-            problems.append(
-                f"the tokenizer is not the checkpoint's: {count} of the checkpoint tokenizer's "
-                f"{len(checkpoint_tokenizer)} tokens have another id ({'; '.join(examples)}), so the embeddings "
-                "would be read with the wrong tokens: use the checkpoint's own tokenizer (leave --tokenizer_name "
-                "unset, or point it at the checkpoint folder)"
-            )
-    if len(tokenizer) > config.vocab_size:
-        problems.append(
-            f"the tokenizer has {len(tokenizer)} tokens but config.vocab_size is {config.vocab_size}, so ids >= "
-            f"{config.vocab_size} have no embedding: call model.resize_token_embeddings(len(tokenizer)) (e.g. after "
-            "ensure_special_tokens added tokens), or build a new config with sync_config_with_tokenizer"
-        )
-    for role in ("bos", "eos", "mask"):
-        tokenizer_id = None if _lacks(tokenizer, role) else getattr(tokenizer, f"{role}_token_id")
-        config_id = getattr(config, f"{role}_token_id", None)
-        if tokenizer_id is None:
-            problems.append(f"the tokenizer has no {role} token: call ensure_special_tokens(tokenizer) first")
-        elif config_id != tokenizer_id:
-            problems.append(
-                f"config.{role}_token_id={config_id} but tokenizer.{role}_token_id={tokenizer_id}: set "
-                f"config.{role}_token_id = tokenizer.{role}_token_id (sync_config_with_tokenizer(config, tokenizer) "
-                "sets every special id) or load the tokenizer the model was trained with"
-            )
-    if problems:
-        raise ValueError("The model config and the tokenizer disagree:\n- " + "\n- ".join(problems))
-
-
-def sync_config_with_tokenizer(
-    config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None
-) -> PreTrainedConfig:
-    """Set a NEW model's `vocab_size` and special ids from `tokenizer` (in place) and return the config.
-
-    `vocab_size = len(tokenizer)`, rounded up to a multiple of `pad_to_multiple_of` when given (unused rows are never
-    produced by the tokenizer); `bos/eos/mask_token_id` from the tokenizer (which must have them, see
-    `ensure_special_tokens`) and `pad_token_id` from the tokenizer's pad (possibly None).
-    """
-    ids = special_token_ids(tokenizer)
-    size = len(tokenizer)
-    if pad_to_multiple_of:
-        size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
-    config.vocab_size = size
-    for key, value in ids.items():
-        setattr(config, key, value)
-    config.pad_token_id = tokenizer.pad_token_id
-    return config
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenization and chunking (pure functions, usable with datasets.map(batched=True, num_proc=...))
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def check_max_length(max_length: int) -> None:
-    """Refuse a `max_length` that leaves no room for one interior token between BOS and EOS."""
-    if max_length < 3:
-        raise ValueError(f"max_length={max_length} must be >= 3 (BOS, at least one token, EOS).")
-
-
-def split_into_examples(
-    token_lists: Iterable[Sequence[int]],
-    bos_token_id: int,
-    eos_token_id: int,
-    max_length: int,
-    keep_empty: bool = False,
-) -> tuple[list[list[int]], int]:
-    """Cut each document's ids into consecutive chunks of at most `max_length - 2` ids, each as `BOS + chunk + EOS`.
-
-    A document of `m > 0` ids gives `ceil(m / (max_length - 2))` examples whose interiors concatenate back to its ids.
-    An empty document gives `[BOS, EOS]` when `keep_empty`, else nothing. Returns the examples (in document order)
-    and the number of empty documents dropped.
-    """
-    check_max_length(max_length)
-    width = max_length - 2
-    examples: list[list[int]] = []
-    dropped = 0
-    for ids in token_lists:
-        ids = list(ids)
-        if not ids:
-            if keep_empty:
-                examples.append([bos_token_id, eos_token_id])
-            else:
-                dropped += 1
-            continue
-        starts = range(0, len(ids), width)
-        examples.extend([bos_token_id, *ids[start : start + width], eos_token_id] for start in starts)
-    return examples, dropped
-
-
-def _texts_of(texts_or_batch: str | Sequence[str | None] | Mapping[str, Sequence[Any]], text_column: str) -> list[str]:
-    """The documents of a string, a list of strings or a `datasets` batch (its `text_column`); None counts as ''."""
-    if isinstance(texts_or_batch, str):
-        return [texts_or_batch]
-    if isinstance(texts_or_batch, Mapping):
-        if text_column not in texts_or_batch:
-            raise ValueError(
-                f"The data has no text column {text_column!r}; available columns: {sorted(texts_or_batch)}. "
-                "Set --text_column to one of them."
-            )
-        texts_or_batch = texts_or_batch[text_column]
-    texts = ["" if text is None else text for text in texts_or_batch]
-    wrong = [type(text).__name__ for text in texts if not isinstance(text, str)]
-    if wrong:
-        raise ValueError(f"Column {text_column!r} must hold strings, found {wrong[0]}.")
-    return texts
-
-
-def tokenize_documents(
-    texts_or_batch: str | Sequence[str | None] | Mapping[str, Sequence[Any]],
-    tokenizer: PreTrainedTokenizerBase,
-    max_length: int,
-    text_column: str = "text",
-    keep_empty: bool = False,
-) -> dict[str, list[list[int]]]:
-    """`{"input_ids": examples}`: the documents tokenized without special tokens, chunked, wrapped in BOS/EOS.
-
-    See `split_into_examples` for the chunking (never truncates, never drops a token). Documents blank after
-    `strip()` are dropped, or kept as `[BOS, EOS]` when `keep_empty`. Special-token strings inside the text are
-    tokenized as text (`split_special_tokens=True`), so clean data never contains the mask id. Pure: use it with
-    `datasets.map(functools.partial(tokenize_documents, tokenizer=..., max_length=...), batched=True,
-    remove_columns=..., num_proc=...)`.
-    """
-    check_max_length(max_length)
-    bos, eos = _anchor_ids(tokenizer)
-    texts = _texts_of(texts_or_batch, text_column)
-    nonblank = [i for i, text in enumerate(texts) if text.strip()]
-    token_lists: list[list[int]] = [[] for _ in texts]
-    if nonblank:
-        encoded = tokenizer(
-            [texts[i] for i in nonblank],
-            add_special_tokens=False,
-            split_special_tokens=True,
-            return_attention_mask=False,
-            verbose=False,
-        )["input_ids"]
-        for i, ids in zip(nonblank, encoded, strict=True):
-            token_lists[i] = ids
-    examples, _ = split_into_examples(token_lists, bos, eos, max_length, keep_empty)
-    return {"input_ids": examples}
-
-
-def _anchor_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-    """`(bos_token_id, eos_token_id)` of `tokenizer`, or a ValueError pointing to `ensure_special_tokens`."""
-    missing = [role for role in ("bos", "eos") if _lacks(tokenizer, role)]
-    if missing:
-        raise ValueError(
-            f"The tokenizer has no {' or '.join(missing)} token, which every example needs; call "
-            "ensure_special_tokens(tokenizer) first."
-        )
-    return tokenizer.bos_token_id, tokenizer.eos_token_id
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,14 +82,6 @@ def _check_files_exist(files: Sequence[str]) -> None:
             raise FileNotFoundError(f"Data file {path!r} does not exist.")
 
 
-def _where_hub() -> str:
-    """'in the local cache (offline mode...)' or 'on the Hub', for error messages."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "in the local cache (offline mode is on: HF_HUB_OFFLINE=1, so the Hub is not contacted)"
-    return "locally or on the Hugging Face Hub"
-
 
 def _load_files(data_args: DataArguments) -> Any:
     """`DatasetDict` (or `IterableDatasetDict`) of the local files, keyed by `train_split` / `eval_split`."""
@@ -505,7 +116,7 @@ def _load_hub(data_args: DataArguments) -> Any:
     except (datasets.exceptions.DatasetsError, OSError, ValueError) as err:
         config = f" (config {data_args.dataset_config_name!r})" if data_args.dataset_config_name else ""
         raise ValueError(
-            f"Could not load the dataset {data_args.dataset_name!r}{config}: it could not be found {_where_hub()}. "
+            f"Could not load the dataset {data_args.dataset_name!r}{config}: it could not be found {where_hub()}. "
             "Check the name and config, download it beforehand with network access, or pass local files with "
             f"--train_files/--eval_files ({', '.join(sorted(FILE_BUILDERS))}), or use --dataset_name "
             f"{SYNTHETIC_DATASET} for the built-in task. Cause: {type(err).__name__}: {err}"
@@ -701,7 +312,7 @@ def load_datasets(
     unsupported file, empty split.
     """
     check_max_length(max_length)
-    _anchor_ids(tokenizer)
+    anchor_ids(tokenizer)
     train_documents, eval_documents, text_column = load_raw_datasets(data_args, seed)
     common = {
         "tokenizer": tokenizer,
@@ -785,19 +396,12 @@ def length_summary(lengths: torch.Tensor) -> dict[str, float]:
 
 
 __all__ = [
-    "SYNTHETIC_DATASET",
-    "DataArguments",
-    "load_tokenizer",
-    "ensure_special_tokens",
-    "special_token_ids",
-    "check_vocab",
-    "sync_config_with_tokenizer",
-    "split_into_examples",
-    "tokenize_documents",
+    "FILE_BUILDERS",
     "infer_builder",
     "load_raw_datasets",
     "tokenize_dataset",
     "load_datasets",
+    "anchored_synthetic_train",
     "length_statistics",
     "length_summary",
 ]

@@ -1,6 +1,6 @@
 """Training Elastic-MDM (and the MDLM baseline on the same backbone) with the Transformers `Trainer`.
 
-One forward pass per batch gives both loss terms of design §2; `token_loss` and `gap_loss` are logged next to
+One forward pass per batch gives both loss terms of docs/design.md §2; `token_loss` and `gap_loss` are logged next to
 their sum. Evaluation reports the NELBO of a fixed K-step process as bits per token and a perplexity bound.
 """
 
@@ -8,99 +8,32 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from ..schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
-from .collators import TARGET_TOKENS, ElasticMDMCollator, MDLMCollator, PackingCollator
-from .nelbo import ElasticNELBOCollator, elastic_nelbo_terms
+from .arguments import ElasticMDMTrainingArguments
+from .collators import TARGET_TOKENS, PackingCollator
+from .objectives import get_objective, make_collator
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data (pyproject)
 
-OBJECTIVES = ("elastic", "mdlm")
 
-
-@dataclass
-class ElasticMDMTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the diffusion knobs (paper §4.4)."""
-
-    objective: str = field(default="elastic", metadata={"help": "'elastic' (design §2) or 'mdlm' (fixed canvas)."})
-    schedule_families: list[str] = field(
-        default_factory=lambda: ["linear", "cosine", "exponential", "p-linear"],
-        metadata={"help": "Schedule families drawn per example."},
-    )
-    horizon_min: int = field(default=16, metadata={"help": "Smallest horizon K drawn per example."})
-    horizon_max: int = field(default=1024, metadata={"help": "Largest horizon K drawn per example."})
-    length_share: float = field(default=0.05, metadata={"help": "Share of step-0 (length model) examples."})
-    clipped_share: float = field(default=0.0, metadata={"help": "Share of examples with s' = 1 - U[β, ω]."})
-    mask_rate_min: float = field(default=0.0, metadata={"help": "β of the clipped mask rate U[β, ω]."})
-    mask_rate_max: float = field(default=1.0, metadata={"help": "ω of the clipped mask rate U[β, ω]."})
-    token_mask_share: str = field(
-        default="schedule",
-        metadata={
-            "help": "Masks among the active positions: 'schedule' (s = F(k-1), ~n/K token targets per example) or "
-            "'uniform' (mask share (s' - s)/s' ~ U(0, 1], ~n s'/2 token targets)."
-        },
-    )
-    gap_loss_weight: float | None = field(default=None, metadata={"help": "λ_gap; default: the model config's."})
-    eval_num_steps: int = field(default=128, metadata={"help": "K of the NELBO reported at evaluation."})
-    eval_schedule: str = field(default="linear", metadata={"help": "Schedule of the NELBO reported at evaluation."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "The collators need every column."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Train into an output_dir that already holds a model or checkpoint-* folders, replacing them "
-            "(refused otherwise, unless the run resumes from a checkpoint inside it)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r} is unknown; use one of {OBJECTIVES}.")
-        unknown = sorted(set(self.schedule_families) - set(SCHEDULES))
-        if unknown:
-            raise ValueError(f"schedule_families has unknown schedules {unknown}; use some of {SCHEDULES}.")
-        if self.eval_schedule not in SCHEDULES:
-            raise ValueError(f"eval_schedule={self.eval_schedule!r} is unknown; use one of {SCHEDULES}.")
-        if self.eval_num_steps < 1:
-            raise ValueError(f"eval_num_steps must be >= 1, got {self.eval_num_steps}.")
-
-    def noise_sampler(self) -> NoiseLevelSampler:
-        """The training-time randomisation of `(s, s')`."""
-        return NoiseLevelSampler(
-            families=tuple(RevealSchedule(name) for name in self.schedule_families),
-            min_steps=self.horizon_min,
-            max_steps=self.horizon_max,
-            length_share=self.length_share,
-            clipped_share=self.clipped_share,
-            beta=self.mask_rate_min,
-            omega=self.mask_rate_max,
-            mask_share=self.token_mask_share,
-        )
-
-
-def make_collators(
-    args: ElasticMDMTrainingArguments, config
-) -> tuple[ElasticMDMCollator | MDLMCollator, ElasticMDMCollator | MDLMCollator]:
+def make_collators(args: ElasticMDMTrainingArguments, config) -> tuple[PackingCollator, PackingCollator]:
     """Training and evaluation collators of the objective. Training noise is drawn at loss time on the device from
     the global RNG (checkpointed by the Trainer: exact resume); evaluation noise is seeded (the same every run)."""
-    ids = dict(
-        mask_token_id=config.mask_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        max_length=config.max_position_embeddings,
+    train = make_collator(args.objective, config, noise_sampler=args.noise_sampler(), defer_noise=True)
+    evaluation = make_collator(
+        args.objective,
+        config,
+        nelbo=True,
+        schedule=args.eval_schedule,
+        num_steps=args.eval_num_steps,
+        seed=args.seed + 1,
     )
-    if args.objective == "mdlm":
-        pad = dict(pad_token_id=config.pad_token_id)
-        return MDLMCollator(**ids, **pad, defer_noise=True), MDLMCollator(**ids, **pad, seed=args.seed + 1)
-    train = ElasticMDMCollator(**ids, noise_sampler=args.noise_sampler(), defer_noise=True)
-    nelbo = ElasticNELBOCollator(**ids, schedule=args.eval_schedule, num_steps=args.eval_num_steps, seed=args.seed + 1)
-    return train, nelbo
+    return train, evaluation
 
 
 class ElasticMDMTrainer(Trainer):
@@ -186,17 +119,12 @@ def nelbo_metrics(model, loader, args: ElasticMDMTrainingArguments, accelerator)
     Elastic: `Σ_gaps l_0 + K · [token CE at step k + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence (`nelbo.py`);
     MDLM: its continuous-time bound `E_t[(1/t) Σ_masks CE]`. Both are divided by `n + 1` tokens per sequence."""
     model.eval()
+    sequence_nelbo = get_objective(args.objective).sequence_nelbo
     totals = defaultdict(float)
     for batch in loader:
         tokens = batch.pop(TARGET_TOKENS).float()  # [B] n + 1
         with accelerator.autocast():
-            if args.objective == "elastic":
-                token_loss, gap_loss = elastic_nelbo_terms(model, batch)
-                nelbo = batch["nelbo_weight"] * (token_loss + gap_loss)  # [2B] nats: step 0 and step k of each
-            else:
-                out = model(**batch, loss_reduction="sequence")
-                token_loss, gap_loss = out.token_loss, out.gap_loss
-                nelbo = token_loss
+            token_loss, gap_loss, nelbo = sequence_nelbo(model, batch)  # elastic: [2B], step 0 and step k of each
         sequences = (tokens > 0).sum().float()  # the NELBO batches hold each sequence twice, counted once
         stats = torch.stack([nelbo.sum(), tokens.sum(), token_loss.sum(), gap_loss.sum(), sequences])
         stats = accelerator.reduce(stats.float(), reduction="sum")
@@ -275,8 +203,6 @@ def build_model_card(
 
 
 __all__ = [
-    "OBJECTIVES",
-    "ElasticMDMTrainingArguments",
     "ElasticMDMTrainer",
     "make_collators",
     "nelbo_metrics",
