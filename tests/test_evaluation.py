@@ -245,7 +245,7 @@ class TemplateFiller:
         )
 
     def generate(self, template_ids, num_return_sequences, generator=None, return_dict_in_generate=False, **kwargs):
-        from elastic_mdm.generation_elastic_mdm import ElasticMDMGenerateOutput
+        from elastic_mdm.sampler_loop_elastic_mdm import ElasticMDMGenerateOutput
 
         mask = self.tokenizer.mask_token_id
         rows = [
@@ -308,13 +308,9 @@ def test_reports(tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_evaluate_script_end_to_end(tmp_path) -> None:
+def test_evaluate_script_end_to_end(tmp_path, trained_tiny) -> None:
     pytest.importorskip("jsonschema")
-    from test_scripts import QUICK, load_script
-
-    checkpoint = tmp_path / "tiny"
-    load_script("train").main(["configs/tiny.yaml", "--output_dir", str(checkpoint), "--report_num_samples", "0",
-                               "--disable_tqdm", "true", *QUICK])  # fmt: skip
+    checkpoint = trained_tiny  # the session's quick run of configs/tiny.yaml (conftest)
     model = ElasticMDMForDiffusionLM.from_pretrained(checkpoint)
     model.config.objective = "mdlm"  # an MDLM-objective checkpoint on the same backbone
     model.save_pretrained(tmp_path / "tiny-mdlm")

@@ -1,9 +1,11 @@
-"""Pictures of a sampler run and of the length sweep (matplotlib: `pip install elastic-mdm[eval]`).
+"""Pictures of lengths, of a sampler run and of the length sweep (matplotlib: `pip install elastic-mdm[eval]`).
 
-* `save_trajectory_plot`: the active length of a few samples against the reverse step `k` (design §3: each sequence
-  grows from its anchors to its own length; with an oracle its interior length at step `k` is `Binomial(n, F(k))`).
-* `save_sweep_chart`: the rows of `evaluation.length_sweep` as a chart: mean length and total variation to the data
-  against the horizon `K`, one line per schedule, the data (and its data-vs-data floor) as dashed lines.
+* `save_length_histogram`: the length histograms of generated sequences and of the data, in one chart.
+* `save_trajectory_plot`: the active length of a few samples against the reverse step `k` (docs/design.md §3:
+  each sequence grows from its anchors to its own length; with an oracle its interior length at step `k` is
+  `Binomial(n, F(k))`).
+* `save_sweep_chart`: the rows of `evaluation.lengths.length_sweep` as a chart: mean length and total variation to
+  the data against the horizon `K`, one line per schedule, the data (and its data-vs-data floor) as dashed lines.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ def pyplot():
     except ImportError as error:  # pragma: no cover - depends on the machine
         raise ImportError("Writing PNG charts needs matplotlib: pip install elastic-mdm[eval]") from error
     return plt
+
+
+def save_length_histogram(generated: torch.Tensor, data: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """Both length histograms (`[N]` generated, `[M]` data lengths) as densities over shared bins, in one PNG."""
+    low, high = int(min(generated.min(), data.min())), int(max(generated.max(), data.max())) + 1
+    bins = list(range(low, high + 1, max(1, (high - low) // 40)))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(data.tolist(), bins=bins, alpha=0.5, density=True, label=f"data (n={data.numel()})")
+    ax.hist(generated.tolist(), bins=bins, alpha=0.5, density=True, label=f"generated (n={generated.numel()})")
+    ax.set_xlabel("sequence length (tokens, BOS/EOS included)")
+    ax.set_ylabel("share")
+    ax.set_title(title or "Length distribution: generated vs data")
+    ax.legend()
+    return save(fig, plt, path)
 
 
 def trajectory_lengths(trajectory: Sequence[Sequence[torch.Tensor]]) -> list[list[int]]:
@@ -60,7 +77,7 @@ def save_sweep_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: st
     sampled = [row for row in rows if isinstance(row["K"], int)]
     floors = [row for row in rows if not isinstance(row["K"], int)]
     if not sampled:
-        raise ValueError("rows has no sampled row (K an integer); pass the rows of evaluation.length_sweep.")
+        raise ValueError("rows has no sampled row (K an integer); pass the rows of evaluation.lengths.length_sweep.")
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for schedule in dict.fromkeys(row["schedule"] for row in sampled):
@@ -81,6 +98,7 @@ def save_sweep_chart(rows: Sequence[dict[str, Any]], path: str | Path, title: st
 
 
 def save(fig, plt, path: str | Path) -> Path:
+    """Write `fig` as a PNG at `path` (folders created) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -89,4 +107,4 @@ def save(fig, plt, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["save_trajectory_plot", "save_sweep_chart", "trajectory_lengths"]
+__all__ = ["save_length_histogram", "save_sweep_chart", "save_trajectory_plot", "trajectory_lengths"]

@@ -347,15 +347,40 @@ def json_template(schema: dict[str, Any] | str) -> list[str | None]:
 def _template_parts(schema: dict[str, Any]) -> list[str | None]:
     """Unmerged template pieces of `schema` (see `json_template`)."""
     if schema.get("type") == "object":
-        parts: list[str | None] = ["{"]
-        for i, (name, sub) in enumerate(schema["properties"].items()):
-            parts += [("," if i else "") + to_text(name) + ":", *_template_parts(sub)]
-        return [*parts, "}"]
+        return _object_parts(schema["properties"].items(), _template_parts)
     if schema.get("type") == "array":
         return ["[", GAP, "]"]
     if schema.get("type") == "string":
         return ['"', GAP, '"']
     return [GAP]
+
+
+def instance_template(instance: Any) -> list[str | None]:
+    """Pieces of the compact JSON of `instance` (`to_text`) with every scalar value an open gap (`GAP`): keys,
+    braces, brackets, colons, commas and the quotes of strings are text; a string's content, a number, a boolean or
+    null is one gap. Unlike `json_template`, arrays keep the instance's number of elements. Adjacent text pieces
+    are merged."""
+    return merge_text(_instance_parts(instance))
+
+
+def _instance_parts(instance: Any) -> list[str | None]:
+    """Unmerged template pieces of `instance` (see `instance_template`)."""
+    if isinstance(instance, dict):
+        return _object_parts(instance.items(), _instance_parts)
+    if isinstance(instance, list):
+        parts: list[str | None] = ["["]
+        for i, value in enumerate(instance):
+            parts += [","] * bool(i) + _instance_parts(value)
+        return [*parts, "]"]
+    return ['"', GAP, '"'] if isinstance(instance, str) else [GAP]
+
+
+def _object_parts(items: Iterable[tuple[str, Any]], parts_of: Callable[[Any], list]) -> list[str | None]:
+    """`{"key":<parts_of(value)>,...}` as unmerged pieces: the keys, colons, commas and braces are text."""
+    parts: list[str | None] = ["{"]
+    for i, (key, value) in enumerate(items):
+        parts += [("," if i else "") + to_text(key) + ":", *parts_of(value)]
+    return [*parts, "}"]
 
 
 def merge_text(parts: list[str | None]) -> list[str | None]:
@@ -379,13 +404,19 @@ def template_values(schema: dict[str, Any], instance: Any) -> list[str]:
 
 
 def template_token_ids(tokenizer: PreTrainedTokenizerFast, schema_name: str) -> list[int]:
-    """`BOS` + structural pieces of the schema's template + `EOS`, with `tokenizer.mask_token_id` at each gap.
+    """`template_ids` of the schema's template (`json_template`)."""
+    return template_ids(tokenizer, json_template(SCHEMAS[schema_name]))
+
+
+def template_ids(tokenizer: PreTrainedTokenizerFast, pieces: Sequence[str | None]) -> list[int]:
+    """`BOS` + each text piece tokenized on its own (no special tokens) + `EOS`, with `tokenizer.mask_token_id` at
+    each `GAP`: the layout `generate(template_ids=...)` takes.
 
     Each mask marks one open gap of variable length (`parse_template` removes it and opens the gap after the
     token before it). Pieces are tokenized separately and concatenated, which matches how records tokenize.
     """
     ids = [tokenizer.bos_token_id]
-    for piece in json_template(SCHEMAS[schema_name]):
+    for piece in pieces:
         ids += [tokenizer.mask_token_id] if piece is GAP else _encode_piece(tokenizer, piece)
     return [*ids, tokenizer.eos_token_id]
 
@@ -460,8 +491,10 @@ __all__ = [
     "record_length_distribution",
     "build_tokenizer",
     "json_template",
+    "instance_template",
     "template_values",
     "template_token_ids",
+    "template_ids",
     "fill_template",
     "synthetic_dataset",
     "as_hf_dataset",

@@ -1,4 +1,4 @@
-"""Length fidelity of generated sequences against data: an `evaluate` metric over `elastic_mdm.evaluation.core`.
+"""Length fidelity of generated sequences against data: an `evaluate` metric over `elastic_mdm.evaluation.lengths`.
 
     import evaluate
     metric = evaluate.load("metrics/length_fidelity")          # a local folder of this repository
@@ -12,7 +12,7 @@ import datasets
 import evaluate
 import torch
 
-from elastic_mdm.evaluation.core import length_report
+from elastic_mdm.evaluation.lengths import length_report
 
 _DESCRIPTION = """Compares two samples of sequence lengths (integer token counts): generated vs data. Returns the
 means and medians of both, the total variation `TV = ½ Σ_n |p(n) - q(n)|`, the Wasserstein-1 distance
