@@ -12,7 +12,8 @@
 
 Prints Markdown tables (machine, batch, length, K, schedule; medians, FLOPs, MFU against --peak_tflops, and the
 ratios Elastic / MDLM) and writes them with --output (Markdown, plus the same numbers as JSON next to it).
-See `benchmarks/harness.py` for the FLOP formula and what each mode measures.
+See `benchmarks/counting.py` for the FLOP formula, `benchmarks/sampling.py` and `benchmarks/training.py` for what
+each mode measures.
 """
 
 from __future__ import annotations
@@ -26,14 +27,27 @@ from typing import Any
 
 import torch
 
-from benchmarks import harness as bench
+from benchmarks.lengths import length_sampler
+from benchmarks.oracle import compile_backbone, oracle_config, random_model
+from benchmarks.report import machine_name, markdown_summary
+from benchmarks.sampling import (
+    VARIANTS,
+    SamplingSetup,
+    benchmark_sampling,
+    checkpoint_setup,
+    oracle_setup,
+    sampling_ratios,
+    static_shape_wrapper,
+)
+from benchmarks.timing import H100_BF16_DENSE_TFLOPS
+from benchmarks.training import benchmark_training
 from elastic_mdm.loading.checkpoints import load_checkpoint
 from elastic_mdm.schedules import get_schedule
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-VARIANTS = dict(zip(("elastic", "mdlm-cached", "mdlm-no-cache"), bench.VARIANTS, strict=True))
+VARIANT_NAMES = dict(zip(("elastic", "mdlm-cached", "mdlm-no-cache"), VARIANTS, strict=True))  # --variants
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -57,9 +71,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--schedule", nargs="+", default=["linear"], help="one table per schedule")
     run.add_argument("--schedule_kwargs", type=json.loads, default={}, help="e.g. '{\"sigma\": 6.9}'")
     run.add_argument("--lengths", default="fixed", help="oracle/training data lengths: fixed | synthetic | "
-                     "uniform:LO:HI | a file of lengths (see benchmark.length_sampler)")  # fmt: skip
+                     "uniform:LO:HI | a file of lengths (see benchmarks/lengths.py)")  # fmt: skip
     run.add_argument("--skip", nargs="*", default=[], choices=["sampling", "training"])
-    run.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+    run.add_argument("--variants", nargs="+", choices=list(VARIANT_NAMES), default=list(VARIANT_NAMES),
                      help="samplers to time (mdlm-no-cache costs K full passes)")  # fmt: skip
     run.add_argument("--warmup", type=int, default=1, help="untimed sampling runs")
     run.add_argument("--repeats", type=int, default=3, help="timed sampling runs (median)")
@@ -76,7 +90,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     hw.add_argument("--cuda_graphs", action="store_true", help="replay every pass from a CUDA graph captured per "
                     "shape bucket (granularity --bucket, default 64), for every sampler")  # fmt: skip
     hw.add_argument("--threads", type=int, help="torch.set_num_threads on CPU (default: torch's choice)")
-    hw.add_argument("--peak_tflops", type=float, default=bench.H100_BF16_DENSE_TFLOPS, help="for MFU")
+    hw.add_argument("--peak_tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for MFU")
     parser.add_argument("--output", help="write the Markdown here (and the JSON next to it)")
     parser.add_argument("--trust_remote_code", action="store_true",
                         help="run the checkpoints' own modeling code (auto_map); only for code you trust")  # fmt: skip
@@ -86,12 +100,12 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
 def load_models(args: argparse.Namespace):
     """`(model, mdlm_model or None)` on the device: a random model of the requested size (oracle) or checkpoints."""
     if not args.checkpoint:
-        config = bench.oracle_config(
+        config = oracle_config(
             args.hidden_size, args.num_hidden_layers, args.num_attention_heads, args.vocab_size, args.length,
             args.block_type, args.intermediate_size,
         )  # fmt: skip
         config._attn_implementation = args.attn_implementation
-        return bench.random_model(config, args.device, args.seed), None
+        return random_model(config, args.device, args.seed), None
     load = functools.partial(
         load_checkpoint,
         device=args.device,
@@ -101,7 +115,7 @@ def load_models(args: argparse.Namespace):
     return load(args.checkpoint), load(args.mdlm_checkpoint) if args.mdlm_checkpoint else None
 
 
-def sampling_setup(args: argparse.Namespace, model, mdlm_model, schedule: str) -> bench.SamplingSetup:
+def sampling_setup(args: argparse.Namespace, model, mdlm_model, schedule: str) -> SamplingSetup:
     """The oracle or checkpoint setup of one schedule."""
     common = dict(
         num_steps=args.num_steps,
@@ -111,17 +125,17 @@ def sampling_setup(args: argparse.Namespace, model, mdlm_model, schedule: str) -
     )
     if args.checkpoint:
         length = min(args.length, model.config.max_position_embeddings)
-        return bench.checkpoint_setup(model, args.batch_size, length, mdlm_model=mdlm_model, **common)
-    draw = bench.length_sampler(args.lengths, args.length)
+        return checkpoint_setup(model, args.batch_size, length, mdlm_model=mdlm_model, **common)
+    draw = length_sampler(args.lengths, args.length)
     lengths = draw(args.batch_size, torch.Generator().manual_seed(args.seed))
-    return bench.oracle_setup(model, lengths, **common)
+    return oracle_setup(model, lengths, **common)
 
 
 def run_settings(args: argparse.Namespace, model, schedule: str) -> dict[str, Any]:
     """The settings table of one run."""
     config = model.config
     return {
-        "machine": bench.machine_name(args.device),
+        "machine": machine_name(args.device),
         "mode": f"checkpoint {args.checkpoint}" if args.checkpoint else f"oracle (data lengths: {args.lengths})",
         "model": f"{config.block_type} {config.num_hidden_layers}x{config.hidden_size}, {config.num_attention_heads} "
         f"heads, vocab {config.vocab_size}, {model.num_parameters() / 1e6:.1f}M params",
@@ -151,30 +165,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.compile:
         for m in (model, mdlm_model):
             if m is not None:
-                bench.compile_backbone(m, None if args.compile == "default" else args.compile)
+                compile_backbone(m, None if args.compile == "default" else args.compile)
     wrap = lambda d: d
     if args.bucket or args.cuda_graphs:
-        wrap = bench.static_shape_wrapper(model.config.eos_token_id, args.bucket or 64, args.cuda_graphs)
+        wrap = static_shape_wrapper(model.config.eos_token_id, args.bucket or 64, args.cuda_graphs)
     results: dict[str, Any] = {"sampling": {}, "training": []}
     sections = []
     if "sampling" not in args.skip:
         for schedule in args.schedule:
             setup = sampling_setup(args, model, mdlm_model, schedule)
-            rows = bench.benchmark_sampling(
+            rows = benchmark_sampling(
                 setup, warmup=args.warmup, repeats=args.repeats, peak_tflops=args.peak_tflops, wrap=wrap,
-                variants=[VARIANTS[name] for name in args.variants],
+                variants=[VARIANT_NAMES[name] for name in args.variants],
             )  # fmt: skip
-            results["sampling"][schedule] = {"rows": rows, "ratios": bench.sampling_ratios(rows)}
-            sections.append(bench.markdown_summary(run_settings(args, model, schedule), rows, []))
+            results["sampling"][schedule] = {"rows": rows, "ratios": sampling_ratios(rows)}
+            sections.append(markdown_summary(run_settings(args, model, schedule), rows, []))
     if "training" not in args.skip:
         length = min(args.length, model.config.max_position_embeddings)
-        results["training"] = bench.benchmark_training(
-            model, bench.length_sampler(args.lengths, length), batch_size=args.batch_size, length=length,
+        results["training"] = benchmark_training(
+            model, length_sampler(args.lengths, length), batch_size=args.batch_size, length=length,
             warmup=args.train_warmup, repeats=args.train_repeats, peak_tflops=args.peak_tflops,
             autocast_dtype=DTYPES[args.dtype], seed=args.seed,
         )  # fmt: skip
         settings = run_settings(args, model, "training noise: NoiseLevelSampler defaults / MDLM t ~ U(eps, 1)")
-        sections.append(bench.markdown_summary(settings, [], results["training"]))
+        sections.append(markdown_summary(settings, [], results["training"]))
     markdown = "\n".join(sections)
     print(markdown)
     if args.output:

@@ -10,7 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import harness as bench
+from benchmarks.counting import FlopModel, PassLog
+from benchmarks.lengths import length_sampler
+from benchmarks.oracle import oracle_config, random_model
+from benchmarks.sampling import (
+    VARIANTS,
+    SamplingSetup,
+    Variant,
+    active_tokens_per_pass,
+    benchmark_sampling,
+    counted_run,
+    oracle_setup,
+    sampling_ratios,
+)
+from benchmarks.training import benchmark_training
 from elastic_mdm.schedules import get_schedule
 
 LENGTH, VOCAB = 48, 128
@@ -21,13 +34,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return bench.random_model(bench.oracle_config(32, 2, 2, VOCAB, LENGTH), seed=0)
+    return random_model(oracle_config(32, 2, 2, VOCAB, LENGTH), seed=0)
 
 
-def oracle(model, lengths: list[int], num_steps: int = 16, schedule: str = "linear") -> bench.SamplingSetup:
-    return bench.oracle_setup(
-        model, torch.tensor(lengths), num_steps=num_steps, schedule=get_schedule(schedule), seed=1
-    )
+def oracle(model, lengths: list[int], num_steps: int = 16, schedule: str = "linear") -> SamplingSetup:
+    return oracle_setup(model, torch.tensor(lengths), num_steps=num_steps, schedule=get_schedule(schedule), seed=1)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "exponential"])
@@ -36,7 +47,7 @@ def test_oracle_returns_the_clean_sequences(model, schedule: str) -> None:
     lengths = [0, 3, 20, LENGTH - 2]
     setup = oracle(model, lengths, num_steps=8, schedule=schedule)
     for use_cache in (True, False):
-        out = setup.run(bench.Variant("elastic", "elastic", use_cache))
+        out = setup.run(Variant("elastic", "elastic", use_cache))
         assert out.lengths.tolist() == [n + 2 for n in lengths] and not out.hit_max_length.any()
         for row, n in zip(out.sequences, lengths, strict=True):
             assert row[: n + 2].tolist() == list(range(n + 2))
@@ -50,8 +61,8 @@ def test_oracle_active_lengths_are_binomial(model) -> None:
     table = schedule.table(num_steps).tolist()
     counts = torch.zeros(seeds, num_steps + 1)
     for seed in range(seeds):
-        setup = bench.oracle_setup(model, torch.full((batch,), n), num_steps=num_steps, schedule=schedule, seed=seed)
-        counts[seed] = torch.tensor(bench.active_tokens_per_pass(setup), dtype=torch.float)
+        setup = oracle_setup(model, torch.full((batch,), n), num_steps=num_steps, schedule=schedule, seed=seed)
+        counts[seed] = torch.tensor(active_tokens_per_pass(setup), dtype=torch.float)
     for k, p in enumerate(table):
         expected = 2 * batch + batch * n * p
         standard_error = math.sqrt(batch * n * p * (1 - p) / seeds)
@@ -60,12 +71,12 @@ def test_oracle_active_lengths_are_binomial(model) -> None:
 
 def test_flop_model_is_the_stated_formula(model) -> None:
     d, layers = 32, 2
-    flops = bench.FlopModel.of(model)
+    flops = FlopModel.of(model)
     assert flops.per_token == 2 * layers * 12 * d * d  # qkv 3d², out d², MLP 2 · 4d² (adaLN left out)
     assert flops.per_token_squared == 4 * d * layers
     assert flops.per_token_head_row == 2 * d * VOCAB
     assert flops.per_gap_row == 2 * (2 * d * d + d * (LENGTH + 1))  # dense [2d -> d], out [d -> max_gap + 1]
-    log = bench.PassLog(lengths=[[3, 5], [4]], token_rows=2, gap_rows=3)
+    log = PassLog(lengths=[[3, 5], [4]], token_rows=2, gap_rows=3)
     backbone = flops.per_token * 12 + flops.per_token_squared * (9 + 25 + 16)
     assert flops.run(log) == backbone + 2 * flops.per_token_head_row + 3 * flops.per_gap_row
 
@@ -73,9 +84,9 @@ def test_flop_model_is_the_stated_formula(model) -> None:
 def test_sampling_benchmark_rows(model) -> None:
     num_steps = 8
     setup = oracle(model, [LENGTH - 2] * 3, num_steps=num_steps)
-    rows = bench.benchmark_sampling(setup, warmup=0, repeats=1)
+    rows = benchmark_sampling(setup, warmup=0, repeats=1)
     by_name = {row["variant"]: row for row in rows}
-    assert list(by_name) == [v.name for v in bench.VARIANTS]
+    assert list(by_name) == [v.name for v in VARIANTS]
     assert by_name["MDLM (no cache)"]["tokens_encoded_per_sequence"] == num_steps * LENGTH
     assert by_name["MDLM (no cache)"]["passes"] == num_steps
     elastic = by_name["Elastic-MDM"]
@@ -85,7 +96,7 @@ def test_sampling_benchmark_rows(model) -> None:
     assert all(row["tokens_per_forward"] > 0 for row in rows)
     assert elastic["tokens_encoded_per_sequence"] < by_name["MDLM (no cache)"]["tokens_encoded_per_sequence"]
     assert all(row["median_s"] > 0 and row["gflop_per_sequence"] > 0 and row["mfu_percent"] > 0 for row in rows)
-    ratios = bench.sampling_ratios(rows)
+    ratios = sampling_ratios(rows)
     assert ratios["tokens Elastic / MDLM (no cache)"] < 1.0
     assert set(ratios) == {f"{kind} Elastic / {name}" for kind in ("time", "tokens") for name in list(by_name)[1:]}
 
@@ -95,15 +106,15 @@ def test_ops_outside_the_passes_do_not_depend_on_the_backbone() -> None:
     trajectories on a 1-layer and a 3-layer backbone give the same counts, and they are positive."""
     counts = []
     for layers in (1, 3):
-        deeper = bench.random_model(bench.oracle_config(32, layers, 2, VOCAB, LENGTH), seed=0)
+        deeper = random_model(oracle_config(32, layers, 2, VOCAB, LENGTH), seed=0)
         setup = oracle(deeper, [0, 3, 20, LENGTH - 2], num_steps=8)
-        counts.append([bench.counted_run(setup, variant)[1].ops_outside_passes for variant in bench.VARIANTS])
+        counts.append([counted_run(setup, variant)[1].ops_outside_passes for variant in VARIANTS])
     assert counts[0] == counts[1] and min(counts[0]) > 0
 
 
 def test_training_benchmark(model) -> None:
-    rows = bench.benchmark_training(
-        model, bench.length_sampler("uniform:4:40", LENGTH), batch_size=4, length=LENGTH, warmup=1, repeats=2
+    rows = benchmark_training(
+        model, length_sampler("uniform:4:40", LENGTH), batch_size=4, length=LENGTH, warmup=1, repeats=2
     )
     elastic, mdlm = rows
     assert (elastic["objective"], mdlm["objective"]) == ("elastic", "mdlm")
@@ -114,15 +125,15 @@ def test_training_benchmark(model) -> None:
 
 def test_length_sampler_specs(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
-    assert bench.length_sampler("fixed", 64)(3, generator).tolist() == [62, 62, 62]
-    drawn = bench.length_sampler("uniform:4:6", 64)(200, generator)
+    assert length_sampler("fixed", 64)(3, generator).tolist() == [62, 62, 62]
+    drawn = length_sampler("uniform:4:6", 64)(200, generator)
     assert set(drawn.tolist()) == {2, 3, 4}
     (tmp_path / "lengths.txt").write_text("10\n200\n")
-    assert set(bench.length_sampler(str(tmp_path / "lengths.txt"), 64)(50, generator).tolist()) == {8, 62}
+    assert set(length_sampler(str(tmp_path / "lengths.txt"), 64)(50, generator).tolist()) == {8, 62}
     (tmp_path / "lengths.json").write_text("[12]")
-    assert bench.length_sampler(str(tmp_path / "lengths.json"), 64)(2, generator).tolist() == [10, 10]
+    assert length_sampler(str(tmp_path / "lengths.json"), 64)(2, generator).tolist() == [10, 10]
     with pytest.raises(ValueError, match="vocab_size"):
-        bench.oracle_config(32, 1, 2, 50, 64)
+        oracle_config(32, 1, 2, 50, 64)
 
 
 TINY = ["--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2", "--vocab_size", "96",
@@ -157,11 +168,11 @@ def test_benchmark_script_oracle_mode(tmp_path: Path) -> None:
 def test_benchmark_script_checkpoint_mode(tmp_path: Path) -> None:
     from benchmarks import benchmark as benchmark_script
 
-    config = bench.oracle_config(32, 1, 2, 96, 40)
-    bench.random_model(config).save_pretrained(tmp_path / "random")
+    config = oracle_config(32, 1, 2, 96, 40)
+    random_model(config).save_pretrained(tmp_path / "random")
     results = benchmark_script.main(
         ["--checkpoint", str(tmp_path / "random"), *TINY, "--skip", "training", "--bucket", "16"]
     )
     rows = results["sampling"]["linear"]["rows"]
-    assert [row["variant"] for row in rows] == [v.name for v in bench.VARIANTS] and results["training"] == []
+    assert [row["variant"] for row in rows] == [v.name for v in VARIANTS] and results["training"] == []
     assert all(2 <= row["mean_length"] <= 40 for row in rows)

@@ -23,18 +23,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.conversion.core import (
-    LLADA,
-    MDLM,
-    SAFE_INDEX,
-    convert_llada_checkpoint,
-    convert_mdlm_checkpoint,
-    llada_config_kwargs,
-    lora_parameter_count,
-    mdlm_config_kwargs,
-    translate,
-)
-from elastic_mdm.training.corpus import check_vocab
+from elastic_mdm.conversion.checkpoint_io import SAFE_INDEX
+from elastic_mdm.conversion.convert import convert_llada_checkpoint, convert_mdlm_checkpoint
+from elastic_mdm.conversion.formats import translate
+from elastic_mdm.conversion.llada import LLADA, llada_config_kwargs
+from elastic_mdm.conversion.lora import lora_parameter_count
+from elastic_mdm.conversion.mdlm import MDLM, mdlm_config_kwargs
+from elastic_mdm.training.tokenizer import check_vocab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, same math in a different order
@@ -653,7 +648,7 @@ def test_converted_folders_reload_with_remote_code_and_generate(tmp_path: Path, 
 RSS_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from elastic_mdm.conversion.core import convert_llada_checkpoint
+    from elastic_mdm.conversion.convert import convert_llada_checkpoint
 
     def status(field):  # kB -> bytes; VmHWM is the peak RSS of this process image (ru_maxrss would include the
         with open("/proc/self/status") as f:  # forked parent's RSS: Linux carries it over exec)

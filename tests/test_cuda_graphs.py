@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import EOS, MASK, PAD, tiny_config
 
-from benchmarks import harness as bench
+from benchmarks.oracle import oracle_config, random_model
+from benchmarks.sampling import VARIANTS, oracle_setup
 from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.cuda_graphs import (
     CUDAGraphDenoiser,
@@ -37,7 +38,7 @@ def perturbed(model: ElasticMDMForDiffusionLM) -> ElasticMDMForDiffusionLM:
 
 @pytest.fixture(scope="module")
 def model() -> ElasticMDMForDiffusionLM:
-    return perturbed(bench.random_model(bench.oracle_config(32, 2, 2, VOCAB, LENGTH), seed=0))
+    return perturbed(random_model(oracle_config(32, 2, 2, VOCAB, LENGTH), seed=0))
 
 
 def test_bucket_grid_is_geometric() -> None:
@@ -114,14 +115,14 @@ def test_static_shapes_give_the_same_features(model, attn: str) -> None:
 def test_samplers_through_static_shapes_match(model, schedule: str) -> None:
     """The oracle trajectories (exact forward process) are identical with and without padding, for Elastic-MDM and
     both MDLM variants: padding changes no draw and no count."""
-    setup = bench.oracle_setup(
+    setup = oracle_setup(
         model, torch.tensor([0, 3, 20, LENGTH - 2]), num_steps=12, schedule=get_schedule(schedule), seed=3
     )
 
     def static(denoiser):
         return StaticShapeDenoiser(denoiser, model.config.eos_token_id, granularity=16)
 
-    for variant in bench.VARIANTS:
+    for variant in VARIANTS:
         plain, padded = setup.run(variant), setup.run(variant, static)
         assert torch.equal(plain.sequences, padded.sequences) and torch.equal(plain.lengths, padded.lengths)
         assert (plain.num_passes, plain.tokens_processed) == (padded.num_passes, padded.tokens_processed)
@@ -159,9 +160,9 @@ def test_cuda_graph_replay_matches_eager(dtype, attn: str) -> None:
     """On CUDA: replayed passes equal eager ones (empty sequences included), the oracle samplers give identical
     trajectories through graphs, a bucket is captured once and replayed afterwards, and generate(cuda_graphs=True)
     runs."""
-    config = bench.oracle_config(64, 2, 2, VOCAB, LENGTH)
+    config = oracle_config(64, 2, 2, VOCAB, LENGTH)
     config._attn_implementation = attn
-    model = bench.random_model(config, device="cuda", seed=0)
+    model = random_model(config, device="cuda", seed=0)
     graphs = CUDAGraphDenoiser(model, model.config.eos_token_id, granularity=16)
     autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
     lengths = torch.tensor([5, 17, 0, 2], device="cuda")
@@ -175,12 +176,12 @@ def test_cuda_graph_replay_matches_eager(dtype, attn: str) -> None:
     assert len(graphs.graphs) == 1
     torch.testing.assert_close(first, eager, atol=1e-5, rtol=1e-5)
     assert not torch.equal(first, second)
-    setup = bench.oracle_setup(
+    setup = oracle_setup(
         model, torch.tensor([0, 3, 20, LENGTH - 2]), num_steps=12, schedule=get_schedule("linear"), seed=3,
         autocast_dtype=dtype,
     )  # fmt: skip
     cached = {}
-    for variant in bench.VARIANTS:
+    for variant in VARIANTS:
         plain = setup.run(variant)
         graphed = setup.run(variant, lambda d: cached.setdefault(id(d), CUDAGraphDenoiser(d, PAD, granularity=16)))
         assert torch.equal(plain.sequences, graphed.sequences) and torch.equal(plain.lengths, graphed.lengths)

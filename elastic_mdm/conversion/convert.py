@@ -1,0 +1,179 @@
+"""The converters and their command line: `convert_mdlm_checkpoint`, `convert_llada_checkpoint`, `run_cli`.
+
+A converter reads the source `config.json` and weight files itself (the original remote code predates Transformers
+v5), renames every tensor (`mdlm.py`, `llada.py`), adds the new modules (gap head; adaLN for a LLaDA model converted
+with `adaln=True`) initialised by `ElasticMDMPreTrainedModel._init_weights`, and writes a folder that
+`AutoModel.from_pretrained(dst, trust_remote_code=True)` loads. With the gap head ignored and every position active,
+the converted model's token logits equal the source model's (the mask column is -inf in ours).
+
+Memory: the source is indexed from the file headers, then read one file at a time and one tensor at a time; output
+shards (`max_shard_size`) are written as soon as they are complete (`writer.py`). Peak memory is about one source file
+plus one output shard, so LLaDA-8B (16 GB in bf16) converts on a 24 GB machine. Tensors keep their source dtype
+unless `dtype` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint_io import SourceCheckpoint, resolve_source
+from .formats import SourceFormat, translate
+from .llada import LLADA
+from .mdlm import MDLM
+from .plan import build_config, check_source_format, expected_shapes, meta_model, plan_conversion
+from .tokenizer import prepare_tokenizer, save_tokenizer, source_tokenizer
+from .writer import DEFAULT_MAX_SHARD_SIZE, initialise_new_tensors, parse_size, write_model_files, write_weights
+
+logger = logging.getLogger(__name__)
+
+FORMATS = (MDLM, LLADA)
+
+
+def prepare_destination(dst: Path, source_folder: Path, overwrite: bool) -> None:
+    """Create `dst`; a non-empty one only with `overwrite` (its old weight files are removed), never the source."""
+    dst = dst.expanduser().resolve()
+    if dst == source_folder.resolve():
+        raise ValueError(f"dst={dst} is the source folder; write the converted model elsewhere.")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{dst} is not empty; choose an empty folder or pass overwrite=True.")
+        for stale in [*dst.glob("*.safetensors"), *dst.glob("*.safetensors.index.json")]:
+            stale.unlink()
+    dst.mkdir(parents=True, exist_ok=True)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`"bfloat16"` / `torch.bfloat16` -> `torch.bfloat16`; None stays None (keep the source dtypes)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype (float32, bfloat16, float16).")
+    return resolved
+
+
+def convert_checkpoint(
+    fmt: SourceFormat,
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Convert the `fmt` checkpoint `src` (local folder or Hub id) into the Elastic-MDM folder `dst`; see
+    `convert_mdlm_checkpoint` for the arguments. Everything is validated before the first byte is written."""
+    target_dtype, max_bytes = resolve_dtype(dtype), parse_size(max_shard_size)
+    folder = resolve_source(src, revision, cache_dir)
+    source = SourceCheckpoint(folder)
+    check_source_format(fmt, source, FORMATS)
+    config = build_config(fmt, source, overrides)
+    if fmt.verify is not None:
+        fmt.verify(source, config)
+    model = meta_model(config)
+    plan = plan_conversion(fmt, source, expected_shapes(model))
+    loaded_tokenizer = source_tokenizer(folder, tokenizer)
+    if loaded_tokenizer is not None:
+        prepare_tokenizer(loaded_tokenizer, config)
+    dst = Path(dst)
+    prepare_destination(dst, folder, overwrite)
+    embedding = translate("model.embed_tokens.weight", fmt.rules, reverse=True)
+    output_dtype = target_dtype or source.tensors[embedding].dtype
+    new = {k: v.to(output_dtype) for k, v in initialise_new_tensors(model, plan.new_keys, seed).items()}
+    write_weights(dst, source, plan, new, target_dtype, max_bytes)
+    write_model_files(model, dst, output_dtype)
+    save_tokenizer(loaded_tokenizer, folder, dst)
+    logger.info(f"Converted {fmt.name} {src} -> {dst} ({len(plan.renames)} tensors copied, {len(new)} new).")
+    return dst
+
+
+def convert_mdlm_checkpoint(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
+    """Convert an MDLM checkpoint (e.g. `kuleshov-group/mdlm-owt`) into an Elastic-MDM folder (`block_type="dit"`).
+
+    Args:
+        src: a Hub repo id or a local folder in MDLM's layout (`config.json` plus `model.safetensors`, sharded
+            safetensors with `model.safetensors.index.json`, or `pytorch_model.bin`).
+        dst: the output folder (must be empty unless `overwrite=True`).
+        dtype: cast every tensor to this dtype (default: keep the source dtypes; bf16 stays bf16).
+        max_shard_size: largest output shard (`"2GB"`, `"500MB"` or bytes).
+        seed: seed of the initialisation of the new modules (the gap head).
+        tokenizer: a tokenizer (Hub id or folder) saved with the model when `src` has none (MDLM-OWT: `"gpt2"`).
+        revision, cache_dir: passed to `huggingface_hub.snapshot_download` for a Hub id.
+        overwrite: allow a non-empty `dst` (its old weight files are removed).
+        **overrides: ElasticMDMConfig fields the weights do not fix, e.g. `max_gap`, `gap_head_type`,
+            `time_conditioning`, `objective` (default `"mdlm"`: the checkpoint was trained with the MDLM objective,
+            so `generate()` uses MDLM's sampler until it is fine-tuned with the Elastic objective), special ids.
+
+    Returns:
+        `dst` as a Path.
+    """
+    return convert_checkpoint(MDLM, src, dst, **kwargs)
+
+
+def convert_llada_checkpoint(src: str | Path, dst: str | Path, **kwargs: Any) -> Path:
+    """Convert a LLaDA checkpoint (e.g. `GSAI-ML/LLaDA-8B-Base`) into an Elastic-MDM folder (`block_type="llama"`).
+
+    Same arguments as `convert_mdlm_checkpoint`. Useful overrides: `adaln=True` (zero-initialised adaLN, so the
+    converted model still equals LLaDA) with `time_conditioning=True` and `cond_dim`; `max_gap`; `objective`.
+    The tokenizer files of `src` are copied, with `<|mdm_mask|>` declared as the mask token.
+    """
+    return convert_checkpoint(LLADA, src, dst, **kwargs)
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`["--max_gap", "2048", "--adaln=true"]` -> `{"max_gap": 2048, "adaln": True}` (values parsed as JSON when
+    they are JSON, else kept as strings)."""
+    overrides, index = {}, 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or len(token) == 2:
+            raise ValueError(f"Expected --field value, got {token!r}.")
+        name, has_value, value = token[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(tokens) or tokens[index + 1].startswith("--"):
+                raise ValueError(f"--{name} needs a value.")
+            index += 1
+            value = tokens[index]
+        try:
+            overrides[name.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name.replace("-", "_")] = value
+        index += 1
+    return overrides
+
+
+def run_cli(converter: Callable[..., Path], argv: list[str] | None, description: str | None) -> Path:
+    """`SRC DST [--dtype D] [--max_shard_size S] [--seed N] [--tokenizer T] [--revision R] [--overwrite]
+    [--<config field> <value> ...]`: the converter's options, then ElasticMDMConfig overrides (after SRC DST)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument("src", help="Hub repo id or local checkpoint folder")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: keep the source dtype)")
+    parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new modules' initialisation")
+    parser.add_argument("--tokenizer", help="tokenizer to save with the model when the source has none")
+    parser.add_argument("--revision")
+    parser.add_argument("--overwrite", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(extra)
+    except ValueError as error:
+        parser.error(str(error))
+    options = {k: v for k, v in vars(args).items() if k not in ("src", "dst") and v is not None}
+    path = converter(args.src, args.dst, **options, **overrides)
+    print(f"Wrote the Elastic-MDM checkpoint {path}")
+    return path
