@@ -3,9 +3,12 @@
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration_elastic_mdm import ElasticMDMConfig
-from .generation_elastic_mdm import ElasticMDMGenerateOutput, ElasticMDMGenerationConfig, sample_elastic, sample_mdlm
+from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from .modeling_elastic_mdm import ElasticMDMForDiffusionLM, ElasticMDMModel, ElasticMDMOutput
 from .packing import PackedSequences
+from .sampler_elastic_mdm import sample_elastic
+from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions
+from .sampler_mdlm_elastic_mdm import sample_mdlm
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
 from .training.collators import ElasticMDMCollator, MDLMCollator
 
@@ -27,6 +30,7 @@ __all__ = [
     "NoiseLevelSampler",
     "SCHEDULES",
     "get_schedule",
+    "SamplerOptions",
     "sample_elastic",
     "sample_mdlm",
     "ElasticMDMCollator",

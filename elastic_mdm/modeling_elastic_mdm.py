@@ -21,7 +21,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
 from .configuration_elastic_mdm import ElasticMDMConfig
-from .generation_elastic_mdm import ElasticMDMGenerationConfig, ElasticMDMGenerationMixin
+from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
+from .generation_elastic_mdm import ElasticMDMGenerationMixin
 from .packing import PackedSequences, pack_padded, unpack_to_padded
 from .pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline  # noqa: F401  (saved with the checkpoint)
 

@@ -21,6 +21,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> Path:
+    """One quick in-process run of the main job's config (`elastic_mdm.training.cli.main`, the command of
+    scripts/train.py) with a small sample report, shared by every test that needs a trained checkpoint folder."""
+    pytest.importorskip("jsonschema")
+    pytest.importorskip("yaml")
+    from helpers import QUICK
+
+    from elastic_mdm.training.cli import main
+
+    output = tmp_path_factory.mktemp("run") / "tiny"
+    metrics = main(
+        ["configs/tiny.yaml", "--output_dir", str(output), "--report_num_samples", "16", "--report_num_steps", "8"]
+        + QUICK
+    )
+    assert "eval_nelbo_bits_per_token" in metrics and 0.0 <= metrics["report"]["json_validity"] <= 1.0
+    assert 0.0 <= metrics["report"]["template_json_validity"] <= 1.0
+    return output
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny shapes run fastest, and steadiest on a busy CPU, on one torch thread (intra-op threads contending for

@@ -6,6 +6,12 @@ from elastic_mdm import ElasticMDMConfig
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 VOCAB, MAX_POS = 64, 64
+# Flags that make a run of configs/tiny.yaml take seconds (the training command's tests, the session's `trained_tiny`).
+QUICK = [
+    "--max_steps", "3", "--num_synthetic_records", "300", "--num_synthetic_eval_records", "32",
+    "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--logging_steps", "1",
+]  # fmt: skip
 
 
 def tiny_config(**overrides) -> ElasticMDMConfig:

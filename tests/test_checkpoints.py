@@ -11,14 +11,10 @@ import torch
 from helpers import BOS, EOS, MASK, PAD, VOCAB, tiny_config
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.loading.checkpoints import (
-    check_output_dir,
-    check_resume_checkpoint,
-    check_resume_config,
-    load_checkpoint,
-    local_or_hub,
-    looks_local,
-)
+from elastic_mdm.loading import cli as generate_cli
+from elastic_mdm.loading.checkpoints import load_checkpoint, local_or_hub, looks_local
+from elastic_mdm.training import cli as train_cli
+from elastic_mdm.training.outputs import check_output_dir, check_resume_checkpoint, check_resume_config
 from elastic_mdm.training.tokenizer import check_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,12 +54,6 @@ def checkpoint(tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def load_script(name: str):
-    from test_scripts import load_script as load
-
-    return load(name)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. No code from a checkpoint runs unasked
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,6 +82,8 @@ def test_load_checkpoint_uses_the_installed_class_not_the_folder_code(checkpoint
 
 
 def test_scripts_refuse_tokenizer_code(checkpoint: Path, tmp_path: Path) -> None:
+    from elastic_mdm.evaluation.cli import main as evaluate_main
+
     folder, marker = tmp_path / "tok", tmp_path / "ran.txt"
     save_checkpoint(folder)
     (folder / "evil_tokenizer.py").write_text(MARKER_CODE.format(marker=str(marker)))
@@ -100,9 +92,9 @@ def test_scripts_refuse_tokenizer_code(checkpoint: Path, tmp_path: Path) -> None
     config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="trust_remote_code"):
-        load_script("generate").main([str(folder), "--num_return_sequences", "1", "--num_steps", "2"])
+        generate_cli.main([str(folder), "--num_return_sequences", "1", "--num_steps", "2"])
     with pytest.raises(ValueError, match="trust_remote_code"):
-        load_script("evaluate").main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "eval")])
+        evaluate_main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "eval")])
     assert not marker.exists()
 
 
@@ -115,11 +107,11 @@ def test_missing_local_checkpoint_is_an_error_not_a_hub_lookup(tmp_path: Path, m
             local_or_hub(name)
     assert local_or_hub("user/model") == "user/model" and not looks_local("user/model")
     with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
-        load_script("generate").main(["outputs/tiny-elastic", "--num_steps", "2"])
+        generate_cli.main(["outputs/tiny-elastic", "--num_steps", "2"])
 
 
 def test_generate_script_loads_with_the_installed_classes(checkpoint: Path) -> None:
-    rows = load_script("generate").main([str(checkpoint), "--num_return_sequences", "2", "--num_steps", "2"])
+    rows = generate_cli.main([str(checkpoint), "--num_return_sequences", "2", "--num_steps", "2"])
     assert len(rows) == 2
 
 
@@ -145,12 +137,11 @@ def test_check_output_dir(checkpoint: Path, tmp_path: Path) -> None:
 def test_train_script_refuses_an_output_dir_holding_a_model(checkpoint: Path, tmp_path: Path) -> None:
     output = save_checkpoint(tmp_path / "other-run")
     before = (output / "model.safetensors").read_bytes()
-    train = load_script("train")
     with pytest.raises(ValueError, match="already holds a model"):
-        train.main(["configs/tiny.yaml", "--output_dir", str(output), "--max_steps", "1"])
+        train_cli.main(["configs/tiny.yaml", "--output_dir", str(output), "--max_steps", "1"])
     with pytest.raises(ValueError, match="overwrite the source checkpoint"):
-        train.main(["configs/tiny.yaml", "--model_name_or_path", str(output), "--output_dir", str(output),
-                    "--overwrite_output_dir", "true", "--max_steps", "1"])  # fmt: skip
+        train_cli.main(["configs/tiny.yaml", "--model_name_or_path", str(output), "--output_dir", str(output),
+                        "--overwrite_output_dir", "true", "--max_steps", "1"])  # fmt: skip
     assert (output / "model.safetensors").read_bytes() == before
 
 
@@ -160,18 +151,18 @@ def test_train_script_refuses_an_output_dir_holding_a_model(checkpoint: Path, tm
 
 
 class Captured(Exception):
-    """Stops train.main once the tokenizer is chosen."""
+    """Stops the training command (`training.cli.main`) once the tokenizer is chosen."""
 
 
 def test_train_script_fine_tunes_with_the_checkpoint_tokenizer(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
-    train = load_script("train")
-
     def capture(model_args, tokenizer):
         raise Captured(tokenizer)
 
-    monkeypatch.setattr(train, "build_model", capture)
+    monkeypatch.setattr(train_cli, "build_model", capture)
     with pytest.raises(Captured) as caught:
-        train.main(["configs/tiny.yaml", "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "o")])
+        train_cli.main(
+            ["configs/tiny.yaml", "--model_name_or_path", str(checkpoint), "--output_dir", str(tmp_path / "o")]
+        )
     assert caught.value.args[0].get_vocab() == word_tokenizer().get_vocab()
 
 
@@ -188,7 +179,7 @@ def test_train_script_refuses_another_tokenizer_for_a_checkpoint(checkpoint: Pat
     other = tmp_path / "other-tokenizer"
     word_tokenizer([f"v{i}" for i in range(VOCAB - len(SPECIALS))]).save_pretrained(other)
     with pytest.raises(ValueError, match="not the checkpoint's"):
-        load_script("train").main(["configs/tiny.yaml", "--model_name_or_path", str(checkpoint), "--tokenizer_name",
+        train_cli.main(["configs/tiny.yaml", "--model_name_or_path", str(checkpoint), "--tokenizer_name",
                                    str(other), "--output_dir", str(tmp_path / "o"), "--max_steps", "1"])  # fmt: skip
 
 
@@ -210,7 +201,7 @@ def test_resume_refuses_a_checkpoint_without_its_training_state(checkpoint: Path
         check_resume_checkpoint(str(checkpoint))
     check_resume_checkpoint(str(fake_trainer_checkpoint(tmp_path / "checkpoint-5")))
     with pytest.raises(ValueError, match="lacks its optimizer state"):
-        load_script("train").main(["configs/tiny.yaml", "--resume_from_checkpoint", str(checkpoint),
+        train_cli.main(["configs/tiny.yaml", "--resume_from_checkpoint", str(checkpoint),
                                    "--output_dir", str(tmp_path / "o")])  # fmt: skip
 
 
@@ -221,5 +212,5 @@ def test_resume_refuses_changed_model_flags(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="time_conditioning: False in the checkpoint, True from the flags"):
         check_resume_config(str(ckpt), {"time_conditioning": True})
     with pytest.raises(ValueError, match="time_conditioning"):
-        load_script("train").main(["configs/tiny.yaml", "--resume_from_checkpoint", str(ckpt), "--output_dir",
+        train_cli.main(["configs/tiny.yaml", "--resume_from_checkpoint", str(ckpt), "--output_dir",
                                    str(run), "--time_conditioning", "true"])  # fmt: skip

@@ -18,8 +18,11 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.generation_elastic_mdm import ActiveState, ElasticMDMGenerationConfig, sample_elastic
+from elastic_mdm.generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from elastic_mdm.packing import PackedSequences
+from elastic_mdm.sampler_elastic_mdm import sample_elastic
+from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
+from elastic_mdm.sampling_state_elastic_mdm import ActiveState
 from elastic_mdm.schedules import SCHEDULES, RevealSchedule, get_schedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,22 +139,19 @@ def run_oracle(
 ):
     generator = torch.Generator().manual_seed(seed)
     oracle = Oracle(x0s, torch.Generator().manual_seed(seed + 1))
-    output = sample_elastic(
-        oracle,
-        start_state(x0s, anchors),
+    options = SamplerOptions(
         mask_token_id=ORACLE_MASK,
         num_steps=num_steps,
         schedule=schedule,
         token_processors=LogitsProcessorList(),
         do_sample=True,
-        gap_do_sample=True,
         max_length=max_length if max_length is not None else max(len(x0) for x0 in x0s),
         pad_token_id=ORACLE_EOS,
         use_cache=use_cache,
         generator=generator,
         output_trajectory=output_trajectory,
-        lock_length=lock_length,
     )
+    output = sample_elastic(oracle, start_state(x0s, anchors), options, gap_do_sample=True, lock_length=lock_length)
     return output, oracle
 
 
@@ -573,11 +573,12 @@ def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool) 
     model = build_model(seed=2)
     state = model._initial_state(None, None, None, num_return_sequences=4)
     with HostSyncRecorder(monkeypatch) as recorder:
-        output = sample_elastic(
-            model, state, mask_token_id=MASK, num_steps=16, schedule=get_schedule("linear"),
+        options = SamplerOptions(
+            mask_token_id=MASK, num_steps=16, schedule=get_schedule("linear"),
             token_processors=LogitsProcessorList(), max_length=MAX_POS, pad_token_id=PAD, use_cache=use_cache,
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
+        output = sample_elastic(model, state, options)
     assert recorder.syncs == []
     assert recorder.reads == 1 + 16  # before the loop, then after the insertion of steps 0..K-1
     assert 1 <= output.num_passes <= 17

@@ -17,8 +17,10 @@ from helpers import HostSyncRecorder
 from transformers.generation.logits_process import LogitsProcessorList
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.generation_elastic_mdm import ActiveState, sample_mdlm
 from elastic_mdm.packing import PackedSequences
+from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
+from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
+from elastic_mdm.sampling_state_elastic_mdm import ActiveState
 from elastic_mdm.schedules import SCHEDULES, RevealSchedule, get_schedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,21 +97,18 @@ def run_oracle(
     output_trajectory: bool = False,
 ):
     oracle = CanvasOracle(canvases)
-    output = sample_mdlm(
-        oracle,
-        state,
+    options = SamplerOptions(
         mask_token_id=O_MASK,
-        eos_token_id=O_EOS,
         pad_token_id=O_PAD,
         max_length=len(canvases[0]),
         num_steps=num_steps,
         schedule=schedule,
         token_processors=LogitsProcessorList(),
-        gap_budget=gap_budget,
         use_cache=use_cache,
         generator=torch.Generator().manual_seed(seed),
         output_trajectory=output_trajectory,
     )
+    output = sample_mdlm(oracle, state, options, eos_token_id=O_EOS, gap_budget=gap_budget)
     return output, oracle
 
 

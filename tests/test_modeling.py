@@ -17,7 +17,7 @@ import torch
 from helpers import BOS, EOS, MASK, MAX_POS, PAD, VOCAB, tiny_config
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.generation_elastic_mdm import ElasticMDMGenerationConfig
+from elastic_mdm.generation_config_elastic_mdm import ElasticMDMGenerationConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,6 +1,5 @@
 """Entry points: scripts/train.py (plain python, accelerate DDP, DeepSpeed ZeRO-2 on CPU) and scripts/generate.py."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,37 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUICK
+
+from elastic_mdm.loading import cli as generate_cli
+from elastic_mdm.training import cli as train_cli
 
 pytest.importorskip("jsonschema")
 pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = [
-    "--max_steps", "3", "--num_synthetic_records", "300", "--num_synthetic_eval_records", "32",
-    "--hidden_size", "32", "--num_hidden_layers", "1", "--num_attention_heads", "2",
-    "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--logging_steps", "1",
-]  # fmt: skip
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """One quick run of the main job's config (plain python, in process), with a small sample report."""
-    output = tmp_path_factory.mktemp("run") / "tiny"
-    metrics = load_script("train").main(
-        ["configs/tiny.yaml", "--output_dir", str(output), "--report_num_samples", "16", "--report_num_steps", "8"]
-        + QUICK
-    )
-    assert "eval_nelbo_bits_per_token" in metrics and 0.0 <= metrics["report"]["json_validity"] <= 1.0
-    assert 0.0 <= metrics["report"]["template_json_validity"] <= 1.0
-    return output
+@pytest.fixture
+def trained(trained_tiny: Path) -> Path:
+    """The session's quick run of the main job's config (`conftest.trained_tiny`)."""
+    return trained_tiny
 
 
 def test_train_script_saves_a_complete_checkpoint(trained: Path) -> None:
@@ -55,19 +38,19 @@ def test_train_script_saves_a_complete_checkpoint(trained: Path) -> None:
 
 def test_generate_script(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "samples.jsonl"
-    rows = load_script("generate").main(
+    rows = generate_cli.main(
         [str(trained), "--num_return_sequences", "3", "--num_steps", "4", "--schedule", "cosine", "--output", str(out)]
     )
     assert len(rows) == 3 and len(out.read_text().splitlines()) == 3
     template = [str(trained), "--template", '{"x":<mask>}', "--num_steps", "2", "--greedy_gaps"]
-    rows = load_script("generate").main(template)
+    rows = generate_cli.main(template)
     assert all(row["text"].startswith('{"x":') and row["text"].endswith("}") for row in rows)
 
 
 def test_generate_script_streams_one_sample(trained: Path, capsys) -> None:
     """`--stream`: drafts drawn in place (cursor saved, overwritten), then the final text, through Transformers'
     `TextDiffusionStreamer`; more than one sample is refused."""
-    script = load_script("generate")
+    script = generate_cli
     rows = script.main([str(trained), "--stream", "--stream_delay", "0", "--num_steps", "4", "--prompt", '{"'])
     printed = capsys.readouterr().out
     assert len(rows) == 1 and "\0337" in printed and "\033[33m" in printed
@@ -77,7 +60,7 @@ def test_generate_script_streams_one_sample(trained: Path, capsys) -> None:
 
 
 def test_yaml_then_flags(tmp_path: Path) -> None:
-    model_args, data_args, training_args, report_args = load_script("train").parse_arguments(
+    model_args, data_args, training_args, report_args = train_cli.parse_arguments(
         ["configs/tiny.yaml", "--learning_rate", "0.5", "--schedule_families", "linear", "cosine"]
     )
     assert training_args.learning_rate == 0.5 and training_args.schedule_families == ["linear", "cosine"]
@@ -193,7 +176,7 @@ def test_lora_fine_tune_merges_and_reloads(trained: Path, tmp_path: Path, isolat
     base_dir = str(tmp_path / "base")
     flags = ["--model_name_or_path", base_dir, "--tokenizer_name", base_dir, "--lora_r", "4", "--learning_rate", "0.01"]
     flags += ["--gradient_checkpointing", "true", "--output_dir", str(output), "--report_num_samples", "0"]
-    load_script("train").main(["configs/tiny.yaml", *flags, *QUICK])
+    train_cli.main(["configs/tiny.yaml", *flags, *QUICK])
     merged = ElasticMDMForDiffusionLM.from_pretrained(output).state_dict()
     changed = {k for k, v in merged.items() if not torch.equal(v, before[k])}
     assert any(k.startswith("gap_head.") for k in changed)  # modules_to_save: trained in full
@@ -207,7 +190,7 @@ def test_lora_fine_tune_merges_and_reloads(trained: Path, tmp_path: Path, isolat
 def test_train_script_mdlm_objective_reports(tmp_path: Path) -> None:
     """The MDLM baseline through the same entry point: its sampler, and templates with a gap budget (too-long
     templates count as failures, not errors)."""
-    metrics = load_script("train").main(
+    metrics = train_cli.main(
         [
             "configs/tiny.yaml",
             "--objective",

@@ -107,7 +107,7 @@ def test_filled_template_equals_record_tokens(tokenizer, name):
 
 
 def test_template_parses_as_open_gaps(tokenizer):
-    from elastic_mdm.generation_elastic_mdm import parse_template
+    from elastic_mdm.sampling_state_elastic_mdm import parse_template
 
     ids = template_token_ids(tokenizer, "product")
     b, e, m = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from test_checkpoints import load_script, save_checkpoint
 
 from elastic_mdm import ElasticMDMCollator, ElasticMDMForDiffusionLM
-from elastic_mdm.generation_elastic_mdm import MAX_NUM_STEPS
+from elastic_mdm.sampler_loop_elastic_mdm import MAX_NUM_STEPS
 from elastic_mdm.loading.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

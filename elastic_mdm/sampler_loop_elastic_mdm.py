@@ -1,0 +1,272 @@
+"""What the two samplers share: their options, their output and the bookkeeping of their step loops.
+
+`sample_elastic` (`sampler_elastic_mdm.py`) and `sample_mdlm` (`sampler_mdlm_elastic_mdm.py`) take the same
+`SamplerOptions`, run their passes through the same `SamplingLoop` (pass counters, step cache, token fill,
+trajectory, drafts) and return the same `ElasticMDMGenerateOutput`, so that the two are compared on identical code.
+
+Host syncs (docs/design.md §8): a step loop reads the device back only through `host_read`, once per step, a few
+integer scalars at once; every other index is taken at a size the host already knows (`rows_where`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.utils import ModelOutput
+
+from .packing import PackedSequences, cu_seqlens_from_lengths
+from .sampling_state_elastic_mdm import ActiveState
+from .schedules import RevealSchedule, reveal_probability
+
+MAX_NUM_STEPS = 65536
+"""Largest `num_steps` K. The samplers keep `F(0..K)` on the host and run K + 1 steps whatever happens in them (a
+step that inserts nothing still draws every open gap's count); a sequence of at most `max_length` tokens changes in
+at most `max_length - 2` of them, so K far above `max_length` only refines the schedule's time grid, at a cost
+linear in K (100000 steps: about 40 s for one 64-token sequence on a CPU). 65536 is 64 x the longest paper context."""
+
+
+class TokenDenoiser(Protocol):
+    """What `sample_mdlm` needs of a model: features of a packed stream and the token head on selected rows."""
+
+    def diffusion_features(self, input_ids: torch.Tensor, packed, noise_level: torch.Tensor) -> torch.Tensor: ...
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+class Denoiser(TokenDenoiser, Protocol):
+    """What `sample_elastic` needs: a `TokenDenoiser` with the gap head too."""
+
+    def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor: ...
+
+
+@dataclass
+class SamplerOptions:
+    """The settings both samplers take (`generate()` builds them once from its `ElasticMDMGenerationConfig`).
+
+    Args:
+        mask_token_id, pad_token_id: The mask id, and the id that pads the output sequences.
+        max_length: Cap on the length of a sequence, anchors included (MDLM: the canvas length `L`).
+        num_steps: Number of reverse steps `K` (at most `MAX_NUM_STEPS`).
+        schedule: The reveal schedule `F`.
+        token_processors: Logits processors applied before every token draw.
+        do_sample: Sample tokens (`True`) or take the most likely one.
+        use_cache: Reuse a sequence's last pass when its input did not change (exact unless time-conditioned).
+        generator: Drives every random draw.
+        output_trajectory: Keep the state fed to every step.
+        progress_bar: Show a tqdm bar over the steps.
+        on_draft: Called with the state after the token fill of every step that runs a pass.
+    """
+
+    mask_token_id: int
+    pad_token_id: int
+    max_length: int
+    num_steps: int
+    schedule: RevealSchedule
+    token_processors: LogitsProcessorList = field(default_factory=LogitsProcessorList)
+    do_sample: bool = True
+    use_cache: bool = True
+    generator: torch.Generator | None = None
+    output_trajectory: bool = False
+    progress_bar: bool = False
+    on_draft: Callable[[ActiveState], None] | None = None
+
+
+@dataclass
+class ElasticMDMGenerateOutput(ModelOutput):
+    """`sequences` `[batch, max_len]` padded with the pad (or EOS) id; `lengths` `[batch]` true lengths (anchors
+    included); `hit_max_length` `[batch]` whether a sequence was stopped by `max_length` (MDLM: no EOS on the canvas;
+    MDLM templates: a gap used its whole budget); `trajectory[k][b]` the sequence `b` fed at step `k` (the active
+    sequence for Elastic, the whole canvas for MDLM; the last entry is the final state), when asked; `num_passes`
+    denoiser passes run and `tokens_processed` the tokens they encoded; `sequence_passes` `[batch]` the passes that
+    encoded each sequence (a packed pass counts once for every sequence in it; the step cache skips the others);
+    `tokens_per_forward` the generated tokens over those passes (`tokens_per_forward()`; filled by `generate`)."""
+
+    sequences: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    hit_max_length: torch.Tensor | None = None
+    trajectory: list[list[torch.Tensor]] | None = None
+    num_passes: int | None = None
+    tokens_processed: int | None = None
+    sequence_passes: torch.Tensor | None = None
+    tokens_per_forward: float | None = None
+
+
+def tokens_per_forward(output: ElasticMDMGenerateOutput, input_lengths: torch.Tensor | list[int]) -> float:
+    """Tokens per forward pass, as dLLM leaderboards report it: the generated tokens (each final length minus its
+    input length `input_lengths` `[batch]`, the sampler's start state: prompt or template anchors with BOS and EOS, so
+    neither the prompt nor padding counts) divided by the denoiser passes. A packed pass counts once for every
+    sequence it encodes (`output.sequence_passes`), so the figure does not depend on the batch size; for one sequence
+    it is `generated / num_passes`. 0 when nothing was encoded."""
+    start = torch.as_tensor(input_lengths, device=output.lengths.device)
+    generated = int((output.lengths - start).clamp_min(0).sum())
+    passes = int(output.sequence_passes.sum())
+    return generated / passes if passes else 0.0
+
+
+def merge_outputs(
+    parts: list[tuple[list[int], ElasticMDMGenerateOutput]], batch: int, pad_token_id: int
+) -> ElasticMDMGenerateOutput:
+    """One output of `batch` sequences from sampler runs over disjoint `rows` (original order restored)."""
+    width = max(part.sequences.shape[1] for _, part in parts)
+    first = parts[0][1]
+    sequences = first.sequences.new_full((batch, width), pad_token_id)
+    lengths, hit = first.lengths.new_zeros(batch), first.hit_max_length.new_zeros(batch)
+    passes = first.sequence_passes.new_zeros(batch)
+    for rows, part in parts:
+        index = torch.tensor(rows, device=sequences.device)
+        sequences[index, : part.sequences.shape[1]] = part.sequences
+        lengths[index], hit[index], passes[index] = part.lengths, part.hit_max_length, part.sequence_passes
+    trajectory = None
+    if first.trajectory is not None:
+        steps = max(len(part.trajectory) for _, part in parts)
+        trajectory = [[None] * batch for _ in range(steps)]
+        for rows, part in parts:
+            for k in range(steps):
+                for row, seq in zip(rows, part.trajectory[min(k, len(part.trajectory) - 1)], strict=True):
+                    trajectory[k][row] = seq
+    return ElasticMDMGenerateOutput(
+        sequences=sequences, lengths=lengths, hit_max_length=hit, trajectory=trajectory,
+        num_passes=sum(part.num_passes for _, part in parts),
+        tokens_processed=sum(part.tokens_processed for _, part in parts),
+        sequence_passes=passes,
+    )  # fmt: skip
+
+
+def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of `softmax(logits)` (`argmax` when not sampling).
+
+    Exponential race: `argmax_v p_v / E_v` with `E_v ~ Exp(1)` is a draw of `p` (the Gumbel-max trick after `exp`).
+    It is what `torch.multinomial(p, 1)` computes, draw for draw, without its validity check, which reads the
+    device back (a host sync per step on CUDA)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+def reveal_tables(schedule: RevealSchedule, num_steps: int) -> tuple[list[float], list[float]]:
+    """`F(0..K)` and `q_0..q_K` with `q_k = (F(k+1) - F(k)) / (1 - F(k))` and `q_K = 0`, as host floats (the step
+    loop then reads them without a device sync). `q_{K-1} = 1` unless everything was revealed before."""
+    if num_steps > MAX_NUM_STEPS:
+        raise ValueError(f"num_steps={num_steps} is above the limit of {MAX_NUM_STEPS} (see MAX_NUM_STEPS).")
+    reveal = schedule.table(num_steps)  # float64 on the host
+    share = reveal_probability(reveal[:-1], reveal[1:]).tolist() + [0.0]
+    return reveal.tolist(), share
+
+
+def step_range(num_steps: int, desc: str, progress_bar: bool):
+    """`range(num_steps)`, wrapped in a tqdm bar when asked."""
+    steps = range(num_steps)
+    if not progress_bar:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, total=num_steps)
+
+
+def host_read(*values: torch.Tensor) -> list[int]:
+    """The device-to-host read of a sampling step: a few integer scalars stacked and copied back at once (each
+    separate `int(tensor)` would stall the stream once; the step loops read once per step)."""
+    return torch.stack([value.reshape(()).long() for value in values]).tolist()
+
+
+def rows_where(flags: torch.Tensor, count: int) -> torch.Tensor:
+    """`[count]` indices of the `True` entries of `flags` `[T]`, `count` known on the host (no read-back)."""
+    return torch.nonzero_static(flags, size=count).squeeze(-1)
+
+
+@dataclass
+class PassWork:
+    """What the next denoiser pass encodes, known on the host: its sequences, tokens and longest sequence."""
+
+    sequences: int
+    tokens: int
+    longest: int
+
+    @classmethod
+    def of(cls, lengths: torch.Tensor, dirty: torch.Tensor, *more: torch.Tensor) -> tuple[PassWork, list[int]]:
+        """The work of the `dirty` sequences of `lengths` `[B]`, read in one go with the scalars `more`."""
+        selected = lengths * dirty  # [B] zero for the sequences a pass reuses
+        sequences, tokens, longest, *values = host_read(dirty.sum(), selected.sum(), selected.max(), *more)
+        return cls(sequences, tokens, longest), values
+
+
+class SamplingLoop:
+    """The step loop of one sampler run: its steps, its denoiser passes and their counters (`num_passes`,
+    `tokens_processed`, `sequence_passes` `[B]`), the token fill and its draft, the trajectory and the output."""
+
+    def __init__(self, denoiser: TokenDenoiser, options: SamplerOptions, batch: int, device: torch.device) -> None:
+        self.denoiser, self.options = denoiser, options
+        self.trajectory: list[list[torch.Tensor]] = []
+        self.num_passes = self.tokens_processed = 0
+        self.sequence_passes = torch.zeros(batch, dtype=torch.long, device=device)  # [B] passes that encoded it
+
+    def steps(self, count: int, desc: str):
+        """The step indices `0 .. count - 1` (in a tqdm bar with `progress_bar`)."""
+        return step_range(count, desc, self.options.progress_bar)
+
+    @staticmethod
+    def read(*values: torch.Tensor) -> list[int]:
+        """`host_read`: integer scalars copied to the host at once."""
+        return host_read(*values)
+
+    def record(self, state: ActiveState) -> None:
+        """Keep the state fed to a step (the final state last) with `output_trajectory`."""
+        if self.options.output_trajectory:
+            self.trajectory.append(state.split())
+
+    def encode(
+        self,
+        state: ActiveState,
+        hidden: torch.Tensor | None,
+        dirty: torch.Tensor,
+        work: PassWork,
+        noise_level: float,
+    ) -> torch.Tensor:
+        """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many, their tokens and the
+        longest) and return `hidden` `[T, H]` with their rows replaced. Every index is taken at a host-known size."""
+        if hidden is None or work.sequences == dirty.numel():
+            rows, lengths, tokens = None, state.lengths, state.tokens
+        else:
+            lengths = state.lengths[rows_where(dirty, work.sequences)]  # [S]
+            rows = rows_where(dirty[state.sequence_ids], work.tokens)  # [work.tokens]
+            tokens = state.tokens[rows]
+        packed = PackedSequences.from_cu_seqlens(cu_seqlens_from_lengths(lengths), work.longest, work.tokens)
+        level = torch.full((lengths.numel(),), noise_level, device=tokens.device)
+        features = self.denoiser.diffusion_features(tokens, packed, level)
+        self.num_passes += 1
+        self.tokens_processed += work.tokens
+        self.sequence_passes += dirty
+        if rows is None:
+            return features
+        return hidden.index_copy(0, rows, features.to(hidden.dtype))
+
+    def fill(self, hidden: torch.Tensor, state: ActiveState, rows: torch.Tensor, dirty: torch.Tensor) -> None:
+        """`x_i ~ p_θ(· | h_i)` (after the token processors) for every row `i` of `rows` `[R]`, written into
+        `state.tokens` in place; the sequences that changed are flagged in `dirty` `[B]`. Then the draft."""
+        options = self.options
+        if rows.numel() > 0:
+            logits = options.token_processors(None, self.denoiser.token_logits(hidden[rows]).float())  # [R, vocab]
+            state.tokens[rows] = sample_categorical(logits, options.do_sample, options.generator).to(state.tokens.dtype)
+            dirty[state.sequence_ids[rows]] = True
+        if options.on_draft is not None:
+            options.on_draft(state)
+
+    def output(self, final: ActiveState, hit_max_length: torch.Tensor) -> ElasticMDMGenerateOutput:
+        """The sequences of `final` packed into `[batch, longest]`, padded with `pad_token_id`, and the counters."""
+        return ElasticMDMGenerateOutput(
+            sequences=torch.nn.utils.rnn.pad_sequence(
+                final.split(on_device=True), batch_first=True, padding_value=self.options.pad_token_id
+            ),
+            lengths=final.lengths,
+            hit_max_length=hit_max_length,
+            trajectory=self.trajectory if self.options.output_trajectory else None,
+            num_passes=self.num_passes,
+            tokens_processed=self.tokens_processed,
+            sequence_passes=self.sequence_passes,
+        )

@@ -1,0 +1,159 @@
+"""MDLM's ancestral sampler on a fixed canvas, the baseline of Elastic-MDM (`objective="mdlm"` checkpoints).
+
+It runs through the same denoiser protocol, packing, step cache and token sampling as `sample_elastic`
+(`sampler_loop_elastic_mdm.py`), so that the two are compared on identical code; only the canvas differs: every
+sequence is `max_length` tokens long, and the positions a step reveals are drawn, not inserted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampler_loop_elastic_mdm import (
+    ElasticMDMGenerateOutput,
+    PassWork,
+    SamplerOptions,
+    SamplingLoop,
+    TokenDenoiser,
+    reveal_tables,
+    rows_where,
+)
+from .sampling_state_elastic_mdm import ActiveState, insert_masks
+
+
+def sample_mdlm(
+    denoiser: TokenDenoiser,
+    state: ActiveState,
+    options: SamplerOptions,
+    *,
+    eos_token_id: int,
+    gap_budget: int | None = None,
+) -> ElasticMDMGenerateOutput:
+    r"""MDLM's ancestral (DDPM) sampler on a fixed canvas, the baseline of Elastic-MDM, on a packed batch.
+
+    `state` holds the same anchors `sample_elastic` starts from (`ActiveState.from_inputs`); each sequence becomes a
+    canvas of `L = options.max_length` tokens, the layout `MDLMCollator` trains on (BOS + sequence + EOS + pads):
+
+    * prompt / unconditional (`gap_budget=None`; the only open gap is the one before EOS):
+      `[BOS, p_1 .. p_m, MASK × (L - 1 - m)]`: EOS is dropped, the model writes where the sequence ends;
+    * template (`gap_budget=g`): every open gap becomes `g` masks, the template's EOS stays, and fixed pads fill the
+      canvas up to `L` (the pads MDLM saw after EOS in training).
+
+    With `F` the reveal schedule (`F(0) = 0`, `F(K) = 1`; for MDLM's `α_t`, `F(k) = α_{t_k}`, `t_k = 1 - k/K`), the
+    input of step `k` has each maskable position revealed with probability `F(k)`:
+    ```
+    for k = 0 .. K-1:
+        R = every [MASK] independently with prob. q_k = (F(k+1) - F(k)) / (1 - F(k))     (q_{K-1} = 1)
+        h = f(x, F(k))                                   one pass; noise level F(k) = MDLMCollator's 1 - t
+        x[i] ~ p_θ(· | h_i) for i in R                   same token processors as Elastic-MDM
+    ```
+    This is MDLM's `_ddpm_update` (`q(x_s | x_t, x_0 ~ p_θ)`, unmask with `(α_s - α_t) / (1 - α_t)`) written with
+    the reveal draw first, which has the same law. After `k` steps the number of revealed positions of a
+    sequence is `Binomial(#maskable, F(k))`; after `K` steps none is masked.
+
+    `options.use_cache` (MDLM's `ddpm_cache`; exact unless the model is time-conditioned): a sequence is encoded only
+    at a step that reveals one of its positions, and its last pass is reused when its canvas did not change since.
+    With `use_cache=False` every step runs one full pass (`K · B · L` tokens), MDLM's plain sampler. The random draws do
+    not depend on `use_cache`, so both give the same samples for a fixed `generator`. Like `sample_elastic`, the loop
+    reads the device once per step (the number of revealed positions and the size of the pass).
+
+    Output: prompt / unconditional sequences end at the first EOS generated after the prompt (length = its index + 1);
+    with none, the length is `L` and `hit_max_length` is set. Templates keep every anchor and every generated token
+    except the pad / EOS tokens inside a gap; `hit_max_length` flags a template with a gap that used its whole budget
+    (its value may be cut). `trajectory[k]` (`k = 0..K`) is the canvas fed to step `k`, `trajectory[K]` the final one.
+    `options.on_draft(canvas)`, when given, sees the canvas after the fill of every step (unrevealed positions still
+    masks).
+    """
+    mask_token_id, pad_token_id = options.mask_token_id, options.pad_token_id
+    canvas, template_lengths = mdlm_canvas(state, options.max_length, mask_token_id, pad_token_id, gap_budget)
+    generated = canvas.tokens == mask_token_id  # [B * L] positions the model writes
+    reveal, reveal_share = reveal_tables(options.schedule, options.num_steps)
+    everything = torch.ones(canvas.lengths.numel(), dtype=torch.bool, device=canvas.tokens.device)
+    dirty = everything  # [B] canvas changed since its last pass
+    loop = SamplingLoop(denoiser, options, canvas.lengths.numel(), canvas.tokens.device)
+    (num_masks,) = loop.read(generated.sum())
+    hidden = None
+    for k in loop.steps(options.num_steps, "mdlm"):
+        loop.record(canvas)
+        mask_rows = rows_where(canvas.tokens == mask_token_id, num_masks)  # [M]
+        revealed = reveal_draw(num_masks, reveal_share[k], options.generator, canvas.tokens.device)  # [M]
+        if options.use_cache and hidden is not None:  # encode the changed canvases with a revealed position
+            needed = torch.zeros_like(canvas.lengths).index_add_(0, canvas.sequence_ids[mask_rows], revealed.long())
+            stale = dirty & (needed > 0)
+        else:
+            stale = everything
+        work, (num_revealed,) = PassWork.of(canvas.lengths, stale, revealed.sum())  # the step's one read
+        if work.tokens > 0:
+            hidden = loop.encode(canvas, hidden, stale, work, reveal[k])
+            dirty = dirty & ~stale
+        loop.fill(hidden, canvas, mask_rows[rows_where(revealed, num_revealed)], dirty)  # the revealed rows [R]
+        num_masks -= num_revealed
+
+    loop.record(canvas)
+    if template_lengths is None:
+        final, hit_max_length = cut_at_first_eos(canvas, generated, eos_token_id)
+    else:
+        final, hit_max_length = squeeze_gaps(canvas, generated, template_lengths, (eos_token_id, pad_token_id))
+    return loop.output(final, hit_max_length)
+
+
+def reveal_draw(count: int, prob: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """`[count]` independent `Bernoulli(prob)` flags: which masked positions a step reveals (all at `prob >= 1`, none
+    at `prob <= 0`; only the strictly fractional case draws random numbers)."""
+    if prob >= 1.0 or prob <= 0.0 or count == 0:
+        return torch.full((count,), prob >= 1.0, dtype=torch.bool, device=device)
+    return torch.rand(count, generator=generator, dtype=torch.float64, device=device) < prob
+
+
+def mdlm_canvas(
+    anchors: ActiveState, length: int, mask_token_id: int, pad_token_id: int, gap_budget: int | None
+) -> tuple[ActiveState, torch.Tensor | None]:
+    """The `[B * L]` MDLM canvases of `anchors` (see `sample_mdlm`) and, for templates, the length of each filled
+    template `[B]` (its rows after that are the fixed pad tail); `None` for prompts."""
+    if gap_budget is None:
+        is_last = torch.zeros_like(anchors.open_after).index_fill_(0, anchors.last_rows(), True)
+        if not torch.equal(anchors.open_after, is_last.roll(-1)):
+            raise ValueError(
+                "MDLM has no gaps that grow: only a prompt (one open gap before EOS) can be continued without a "
+                "budget; give gap_budget (generate(): mdlm_gap_budget) to fill a template's open gaps."
+            )
+        body, tail_token = anchors.select(~is_last), mask_token_id  # drop EOS: the model writes the end
+        template_lengths = None
+    else:
+        counts = anchors.open_after.long() * gap_budget  # [T] masks after each open token
+        body, _ = insert_masks(anchors, counts, mask_token_id)
+        tail_token, template_lengths = pad_token_id, body.lengths
+    longest = int(body.lengths.max())
+    if longest > length:
+        what = "A prompt" if gap_budget is None else f"A template with mdlm_gap_budget={gap_budget} masks per gap"
+        raise ValueError(f"{what} has {longest} tokens, more than the canvas length max_length={length}.")
+    counts = torch.zeros_like(body.tokens).index_put_((body.last_rows(),), length - body.lengths)
+    canvas, _ = insert_masks(body, counts, tail_token)  # the tail is inserted after each last token
+    canvas.open_after.zero_()
+    return canvas, template_lengths
+
+
+def cut_at_first_eos(
+    canvas: ActiveState, generated: torch.Tensor, eos_token_id: int
+) -> tuple[ActiveState, torch.Tensor]:
+    """Each sequence up to its first generated EOS (included), or the whole canvas with `hit_max_length` set."""
+    position = canvas.positions()  # [T]
+    ends = (generated & (canvas.tokens == eos_token_id)).nonzero().squeeze(-1)
+    lengths = canvas.lengths.scatter_reduce(0, canvas.sequence_ids[ends], position[ends] + 1, reduce="amin")
+    ended = torch.zeros_like(canvas.lengths, dtype=torch.bool).index_fill_(0, canvas.sequence_ids[ends], True)
+    return canvas.select(position < lengths[canvas.sequence_ids]), ~ended
+
+
+def squeeze_gaps(
+    canvas: ActiveState, generated: torch.Tensor, template_lengths: torch.Tensor, stop_ids: tuple[int, int]
+) -> tuple[ActiveState, torch.Tensor]:
+    """Each filled template without the pad / EOS tokens generated in its gaps, nor the pad tail; flags the
+    templates with a gap holding no such token (it used its whole budget)."""
+    stop = generated & torch.isin(canvas.tokens, torch.tensor(stop_ids, device=canvas.tokens.device))  # [T]
+    gap = (~generated).long().cumsum(0)  # [T] one id per run of generated rows (after its fixed left neighbour)
+    gap_stopped = torch.zeros(canvas.tokens.numel() + 1, dtype=torch.bool, device=stop.device)
+    gap_stopped.index_fill_(0, gap[stop], True)
+    full = generated & ~gap_stopped[gap]  # rows of the gaps that used their whole budget
+    hit = torch.zeros_like(canvas.lengths, dtype=torch.bool).index_fill_(0, canvas.sequence_ids[full], True)
+    keep = (canvas.positions() < template_lengths[canvas.sequence_ids]) & ~stop
+    return canvas.select(keep), hit

@@ -1,0 +1,181 @@
+"""The packed state the samplers work on (`ActiveState`): how inputs become one, and its algebra.
+
+Every sequence of a batch keeps its own length in one flat token stream; nothing is padded to a canvas. An input is
+parsed into *anchors* (tokens that never change) and the *open* flag of every gap (whether masks may be inserted
+after a token): a prompt `BOS p_1 .. p_m` is continued in one open gap before an appended EOS, a template
+`BOS a [MASK] b EOS` opens one gap per mask, an unconditional sample starts from `BOS EOS` (docs/design.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import cu_seqlens_from_lengths
+
+Anchors = tuple[list[int], list[bool]]
+"""One parsed input: its anchor tokens and, for each, whether the gap after it is open."""
+
+
+@dataclass
+class ActiveState:
+    """The packed active sequences: `tokens` `[T]`, `sequence_ids` `[T]` (sorted), `open_after` `[T]` (the gap
+    between token i and i+1 may grow), `lengths` `[B]`."""
+
+    tokens: torch.Tensor
+    sequence_ids: torch.Tensor
+    open_after: torch.Tensor
+    lengths: torch.Tensor
+
+    @classmethod
+    def from_anchors(cls, sequences: list[Anchors], device: torch.device | str | None = None) -> ActiveState:
+        """The packed state of parsed inputs, in order."""
+        tokens = torch.tensor([t for seq, _ in sequences for t in seq], dtype=torch.long, device=device)
+        lengths = torch.tensor([len(seq) for seq, _ in sequences], dtype=torch.long, device=device)
+        return cls(
+            tokens=tokens,
+            sequence_ids=torch.arange(len(sequences), device=device).repeat_interleave(lengths),
+            open_after=torch.tensor([f for _, flags in sequences for f in flags], dtype=torch.bool, device=device),
+            lengths=lengths,
+        )
+
+    @classmethod
+    def from_inputs(
+        cls,
+        input_ids: torch.Tensor | list[list[int]] | None,
+        attention_mask: torch.Tensor | None,
+        template_ids: torch.Tensor | list[list[int]] | None,
+        num_return_sequences: int,
+        special_ids: tuple[int, int, int],
+        device: torch.device | str | None = None,
+    ) -> ActiveState:
+        """Start state of `generate()`: prompts (`input_ids`), templates (`template_ids`) or, with neither, the
+        unconditional `BOS EOS`; each input repeated `num_return_sequences` times. `special_ids` is
+        `(bos, eos, mask)`."""
+        bos, eos, mask = special_ids
+        if input_ids is not None and template_ids is not None:
+            raise ValueError("Pass either input_ids (prompts) or template_ids (templates), not both.")
+        if input_ids is not None:
+            rows = rows_of(input_ids, attention_mask, "input_ids")
+            sequences = [parse_prompt(row, bos, eos, mask, f"input_ids[{i}]") for i, row in enumerate(rows)]
+        elif template_ids is not None:
+            rows = rows_of(template_ids, attention_mask, "template_ids")
+            sequences = [parse_template(row, bos, eos, mask, f"template_ids[{i}]") for i, row in enumerate(rows)]
+        else:
+            sequences = [([bos, eos], [True, False])]
+        return cls.from_anchors([s for s in sequences for _ in range(num_return_sequences)], device)
+
+    def split(self, on_device: bool = False) -> list[torch.Tensor]:
+        """The active sequences as a list of 1-D tensors (on the host unless `on_device`)."""
+        tokens = self.tokens if on_device else self.tokens.to("cpu", copy=True)  # a snapshot, never a view
+        return list(tokens.split(self.lengths.tolist()))
+
+    def select(self, keep: torch.Tensor) -> ActiveState:
+        """The state restricted to the rows flagged in `keep` `[T]` (order kept)."""
+        lengths = torch.zeros_like(self.lengths).index_add_(0, self.sequence_ids, keep.long())
+        return ActiveState(self.tokens[keep], self.sequence_ids[keep], self.open_after[keep], lengths)
+
+    def subset(self, rows: list[int]) -> ActiveState:
+        """The sequences `rows` as a state of their own (renumbered `0 .. len(rows) - 1`)."""
+        index = torch.tensor(rows, device=self.lengths.device)
+        keep = torch.isin(self.sequence_ids, index)
+        lengths = self.lengths[index]
+        sequence_ids = torch.arange(len(rows), device=index.device).repeat_interleave(lengths)
+        return ActiveState(self.tokens[keep], sequence_ids, self.open_after[keep], lengths)
+
+    def positions(self) -> torch.Tensor:
+        """`[T]` index of every token inside its sequence."""
+        starts = cu_seqlens_from_lengths(self.lengths)[:-1].long()  # [B]
+        return torch.arange(self.tokens.numel(), device=self.tokens.device) - starts[self.sequence_ids]
+
+    def last_rows(self) -> torch.Tensor:
+        """`[B]` row of the last token of every sequence."""
+        return cu_seqlens_from_lengths(self.lengths)[1:].long() - 1
+
+
+def insert_masks(
+    state: ActiveState,
+    counts: torch.Tensor,
+    mask_token_id: int,
+    total: int | None = None,
+    lengths: torch.Tensor | None = None,
+) -> tuple[ActiveState, torch.Tensor]:
+    """Insert `counts[i]` masks after token `i`; returns the new state and the new row of every old token.
+
+    New masks inherit the open flag of their gap (they sit inside an open gap). `total`, the new token count, is
+    read from the device when not given; `lengths`, the new lengths `[B]`, computed when not given.
+    """
+    repeats = counts + 1  # [T]
+    new_rows = repeats.cumsum(0) - repeats  # [T] where old token i lands
+    if total is None:
+        total = state.tokens.numel() + int(counts.sum())
+    tokens = torch.full((total,), mask_token_id, dtype=state.tokens.dtype, device=state.tokens.device)
+    tokens[new_rows] = state.tokens
+    if lengths is None:
+        lengths = state.lengths + torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids, counts)
+    new_state = ActiveState(
+        tokens=tokens,
+        sequence_ids=state.sequence_ids.repeat_interleave(repeats, output_size=total),
+        open_after=state.open_after.repeat_interleave(repeats, output_size=total),
+        lengths=lengths,
+    )
+    return new_state, new_rows
+
+
+def cap_insertions(
+    counts: torch.Tensor, sequence_ids: torch.Tensor, lengths: torch.Tensor, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip insertion counts (rows in stream order) so no sequence exceeds `max_length`; flags clipped sequences.
+
+    With `b = max_length - n` the room of a sequence of `n` tokens and `c_<i` the insertions before gap `i` in
+    that sequence, gap `i` keeps `min(c_i, max(b - c_<i, 0))`."""
+    budget = (max_length - lengths).clamp_min(0)  # [B]
+    inclusive = counts.cumsum(0)
+    first = torch.full_like(lengths, torch.iinfo(torch.long).max).scatter_reduce(
+        0, sequence_ids, inclusive - counts, reduce="amin"
+    )
+    before = inclusive - counts - first[sequence_ids]  # insertions earlier in the same sequence
+    capped = torch.minimum(counts, (budget[sequence_ids] - before).clamp_min(0))
+    clipped = torch.zeros_like(lengths).index_add_(0, sequence_ids, (capped < counts).long()) > 0
+    return capped, clipped
+
+
+def rows_of(ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None, name: str) -> list[list[int]]:
+    """Token lists of a padded tensor (`attention_mask` picks the real tokens) or of a list of lists."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 1:
+            ids = ids[None]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids, dtype=torch.bool)
+        rows = [row[m.bool()].tolist() for row, m in zip(ids, attention_mask, strict=True)]
+    else:
+        rows = [list(map(int, r)) for r in ids]
+    if not rows:
+        raise ValueError(f"{name} is an empty batch; pass at least one sequence.")
+    return rows
+
+
+def parse_prompt(prompt: list[int], bos: int, eos: int, mask: int, name: str) -> Anchors:
+    """`BOS p_1 .. p_m` -> tokens `BOS p_1 .. p_m EOS`, open flags `F .. F T F`: one open gap before the EOS."""
+    if not prompt or prompt[0] != bos:
+        raise ValueError(f"{name} must start with BOS ({bos}); tokenize with add_special_tokens=True or prepend it.")
+    if mask in prompt:
+        raise ValueError(
+            f"{name} contains the mask token ({mask}); prompts must be clean text. Use template_ids to mark open gaps."
+        )
+    if bos != eos and len(prompt) > 1 and prompt[-1] == eos:
+        raise ValueError(f"{name} ends with EOS ({eos}); a prompt is a prefix: drop the EOS, or use template_ids.")
+    return prompt + [eos], [False] * (len(prompt) - 1) + [True, False]
+
+
+def parse_template(template: list[int], bos: int, eos: int, mask: int, name: str) -> Anchors:
+    """`BOS a [MASK] b EOS` -> tokens `BOS a b EOS`, open flags `F T F F`: each mask marks one open gap."""
+    ids = torch.tensor(template, dtype=torch.long)
+    if ids.numel() < 2 or ids[0] != bos or ids[-1] != eos:
+        raise ValueError(f"{name} must start with BOS ({bos}) and end with EOS ({eos}).")
+    marker = ids == mask
+    if bool((marker[1:] & marker[:-1]).any()):
+        raise ValueError(f"{name} has two adjacent open-gap markers; one mask token marks one gap.")
+    open_after = torch.cat([marker[1:], marker.new_zeros(1)])[~marker]  # a kept token is open if a marker follows it
+    return ids[~marker].tolist(), open_after.tolist()

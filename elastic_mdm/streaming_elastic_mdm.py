@@ -1,0 +1,80 @@
+"""Streaming for `generate(streamer=...)`: a Transformers `BaseStreamer` fed with per-step drafts.
+
+The call order is DiffusionGemma's: the fixed prefix of every input once, a draft after every step that runs a pass
+(when the streamer has `put_draft`), the final tokens, then `end()`. See `DraftStream`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput
+from .sampling_state_elastic_mdm import ActiveState
+
+
+def check_streamer(streamer: object) -> None:
+    """Refuse a `streamer` that cannot take tokens (Transformers' `BaseStreamer` protocol: `put` and `end`)."""
+    if streamer is None:
+        return
+    missing = [name for name in ("put", "end") if not callable(getattr(streamer, name, None))]
+    if missing:
+        raise ValueError(
+            f"streamer must be a transformers BaseStreamer (methods put and end), got {type(streamer).__name__} "
+            f"without {' and '.join(missing)}; pass e.g. transformers.TextStreamer(tokenizer) or "
+            "TextDiffusionStreamer(tokenizer)."
+        )
+
+
+class DraftStream:
+    """Feeds a Transformers streamer from the samplers, with DiffusionGemma's call order.
+
+    Every value is a CPU `LongTensor` `[batch, longest]` padded with `pad_token_id` (Transformers' text streamers
+    take batch 1). The *prefix* of an input is its tokens up to and including the first token followed by an open
+    gap (a prompt whole, `BOS` alone for an unconditional sample, a template up to its first marker): it never
+    changes, so it is `put` once before the first step, as DiffusionGemma puts the prompt (a `TextStreamer` with
+    `skip_prompt=True` skips it). After it:
+
+    * `put_draft(value=rest)`, when the streamer has `put_draft`, at every step that runs a pass: each sequence after
+      its prefix, as it stands after the step's fill. Elastic-MDM: no mask ever shows, since a step fills every mask
+      the step before inserted; the draft grows between calls by the positions each step opens (unfilled, they
+      are not shown). MDLM: the fixed canvas, with `mask_token_id` at the positions not revealed yet (a tokenizer
+      decodes it as its mask token; `skip_special_tokens=True` hides it). With `max_new_tokens` and inputs of
+      different lengths the sampler runs once per length cap: the rows of the other runs keep their last draft.
+    * `put(value=rest)` once with the final tokens after the prefix (up to each sequence's length), then `end()`.
+
+    Drafts cost one device-to-host copy per step; without a streamer the samplers make no such read."""
+
+    def __init__(self, streamer: BaseStreamer, start: ActiveState, pad_token_id: int) -> None:
+        self.streamer, self.pad_token_id = streamer, pad_token_id
+        self.wants_drafts = callable(getattr(streamer, "put_draft", None))
+        sequences, flags = start.split(), start.open_after.cpu().split(start.lengths.tolist())
+        self.prefix = [int(f.nonzero()[0, 0]) + 1 if bool(f.any()) else len(f) for f in flags]
+        self.drafts = [seq[n:] for seq, n in zip(sequences, self.prefix, strict=True)]
+        streamer.put(self.padded([seq[:n] for seq, n in zip(sequences, self.prefix, strict=True)]))
+
+    def padded(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence(
+            [row.long() for row in rows], batch_first=True, padding_value=self.pad_token_id
+        )
+
+    def drafter(self, rows: list[int]) -> Callable[[ActiveState], None] | None:
+        """The `on_draft` of a sampler run over the sequences `rows` (`None` when the streamer takes no drafts)."""
+        if not self.wants_drafts:
+            return None
+
+        def on_draft(state: ActiveState) -> None:
+            for row, seq in zip(rows, state.split(), strict=True):
+                self.drafts[row] = seq[self.prefix[row] :]
+            self.streamer.put_draft(value=self.padded(self.drafts))
+
+        return on_draft
+
+    def finish(self, output: ElasticMDMGenerateOutput) -> None:
+        """`put` the final tokens after each prefix, then `end`."""
+        sequences, lengths = output.sequences.cpu(), output.lengths.tolist()
+        rest = [seq[p:n] for seq, p, n in zip(sequences, self.prefix, lengths, strict=True)]
+        self.streamer.put(self.padded(rest))
+        self.streamer.end()

@@ -1,0 +1,203 @@
+"""The training command (`scripts/train.py`): arguments, model, data, `Trainer`, save, report.
+
+    python scripts/train.py configs/tiny.yaml [--output_dir out --max_steps 100 ...]
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py configs/owt-110m.yaml
+
+A YAML file gives any field of ModelArguments, DataArguments, ElasticMDMTrainingArguments and ReportArguments
+(`arguments.py`); command-line flags override it. An --output_dir that holds a model or checkpoint-* folders is
+refused unless --overwrite_output_dir is given or the run resumes from a checkpoint inside it (`outputs.py`,
+docs/security.md).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from ..configuration_elastic_mdm import ElasticMDMConfig
+from ..loading.checkpoints import (
+    check_finite_weights,
+    check_model_type,
+    checkpoint_config,
+    local_or_hub,
+    saved_tokenizer,
+)
+from ..modeling_elastic_mdm import ElasticMDMForDiffusionLM
+from .arguments import NOT_SHAPE, DataArguments, ElasticMDMTrainingArguments, ModelArguments, ReportArguments
+from .corpus import length_statistics, load_datasets
+from .lora import add_lora, merge_lora, save_merged_zero3
+from .objectives import get_objective
+from .outputs import check_output_dir, check_resume_checkpoint, check_resume_config
+from .tokenizer import check_vocab, data_tokenizer, ensure_special_tokens, sync_config_with_tokenizer
+from .trainer import ElasticMDMTrainer
+
+RESUME_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "mask_token_id", "block_type", "hidden_size",
+                 "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                 "time_conditioning", "cond_dim", "gap_head_type", "objective")  # fmt: skip
+
+
+def parse_arguments(
+    argv: list[str],
+) -> tuple[ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments]:
+    """`[config.yaml] [--flag value ...]`: the YAML values first, the flags after them (the last one wins)."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, ElasticMDMTrainingArguments, ReportArguments))
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        with open(argv[0]) as f:
+            argv = yaml_to_flags(yaml.safe_load(f) or {}) + argv[1:]
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def yaml_to_flags(values: dict) -> list[str]:
+    """`{"lr": 3e-4, "families": ["linear", "cosine"]}` -> `["--lr", "0.0003", "--families", "linear", "cosine"]`."""
+    flags = []
+    for key, value in values.items():
+        if isinstance(value, (list, tuple)):
+            flags += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [f"--{key}", json.dumps(value)]
+        elif value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def build_model(model_args: ModelArguments, tokenizer) -> ElasticMDMForDiffusionLM:
+    """Load the checkpoint with the installed class (its tokenizer must be the one given, its weights finite) or
+    build a new model sized by `model_args`."""
+    if model_args.model_name_or_path:
+        path = local_or_hub(model_args.model_name_or_path)
+        check_model_type(checkpoint_config(path), model_args.model_name_or_path)
+        model = ElasticMDMForDiffusionLM.from_pretrained(
+            path, attn_implementation=model_args.attn_implementation, use_safetensors=True
+        )
+        check_finite_weights(model, repr(model_args.model_name_or_path))
+        if len(tokenizer) > model.config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer))
+        check_vocab(model.config, tokenizer, saved_tokenizer(path, model_args.trust_remote_code))
+        return model
+    shape = {k: v for k, v in vars(model_args).items() if k not in NOT_SHAPE and not k.startswith("lora_")}
+    config = sync_config_with_tokenizer(ElasticMDMConfig(**shape), tokenizer)
+    return ElasticMDMForDiffusionLM._from_config(config, attn_implementation=model_args.attn_implementation)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. arguments
+    model_args, data_args, training_args, report_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    set_seed(training_args.seed)
+
+    # 2. nothing is overwritten unasked; a resume is exact or refused
+    check_training_paths(model_args, data_args, training_args)
+
+    # 3. tokenizer (the model's own when fine-tuning; BOS / EOS / mask added when missing) and model
+    source = local_or_hub(model_args.model_name_or_path) if model_args.model_name_or_path else None
+    tokenizer = data_tokenizer(data_args, source, trust_remote_code=model_args.trust_remote_code)
+    ensure_special_tokens(tokenizer)
+    model = build_model(model_args, tokenizer)
+    if training_args.resume_from_checkpoint:
+        expected = {name: getattr(model.config, name, None) for name in RESUME_FIELDS}
+        check_resume_config(training_args.resume_from_checkpoint, {**expected, "objective": training_args.objective})
+    if model_args.lora_r:
+        model = add_lora(model, model_args, training_args.gradient_checkpointing)
+
+    # 4. data: natural lengths, long documents split into chunks
+    train_dataset, eval_dataset = load_datasets(
+        data_args, tokenizer, model.config.max_position_embeddings, training_args.seed
+    )
+
+    # 5. train
+    trainer = ElasticMDMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.dataset_name = data_args.dataset_name or ", ".join(data_args.train_files or [])
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    # 6. evaluate, save (weights, remote code, tokenizer, generation config, model card), push
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
+    merge = bool(model_args.lora_r and model_args.lora_merge)
+    if merge:  # a plain Elastic-MDM folder, adapters folded in
+        model = trainer.model = merge_lora(trainer)
+    model.generation_config.num_steps = report_args.report_num_steps
+    model.generation_config.schedule = report_args.report_schedule
+    model.generation_config.lock_length = report_args.lock_length
+    if merge and is_deepspeed_zero3_enabled():
+        save_merged_zero3(trainer, model, tokenizer)
+    else:
+        trainer.save_model()
+    trainer.create_model_card()
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+
+    # 7. report: generated vs data lengths (and JSON validity on the built-in task)
+    if report_args.report_num_samples and trainer.is_world_process_zero():
+        metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
+    return metrics
+
+
+def check_training_paths(
+    model_args: ModelArguments, data_args: DataArguments, training_args: ElasticMDMTrainingArguments
+) -> None:
+    """Refuse an output folder that would overwrite a model or the run's source, and an inexact resume."""
+    check_output_dir(
+        training_args.output_dir,
+        overwrite_output_dir=training_args.overwrite_output_dir,
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        sources=(model_args.model_name_or_path, data_args.tokenizer_name),
+    )
+    if training_args.resume_from_checkpoint:
+        check_resume_checkpoint(training_args.resume_from_checkpoint)
+
+
+def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
+    """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
+    from ..evaluation.lengths import length_sweep
+    from ..evaluation.reports import markdown_table, sample_report
+    from ..evaluation.structured import builtin_structured_tasks
+    from .synthetic import SCHEMAS
+
+    model.eval()
+    schemas = tasks = None
+    if data_args.is_synthetic:
+        schemas, tasks = list(SCHEMAS.values()), builtin_structured_tasks(tokenizer)
+    data_lengths = length_statistics(eval_dataset)
+    fixed_canvas = get_objective(model.config.objective).fixed_canvas  # MDLM: masks per open gap of a template
+    budget = {"mdlm_gap_budget": report_args.mdlm_gap_budget} if fixed_canvas else {}
+    result = sample_report(
+        model,
+        tokenizer,
+        data_lengths,
+        num_samples=report_args.report_num_samples,
+        output_dir=Path(training_args.output_dir) / "report",
+        schemas=schemas,
+        structured_tasks=tasks,
+        seed=training_args.seed,
+        num_steps=report_args.report_num_steps,
+        schedule=report_args.report_schedule,
+        **budget,
+    )
+    print(
+        f"\nLengths, generated vs data ({report_args.report_num_samples} samples, K={report_args.report_num_steps}, "
+        f"{report_args.report_schedule} schedule):"
+    )
+    print(result["table"])
+    result["length_sweep"] = length_sweep(
+        model, tokenizer, data_lengths, num_samples=report_args.report_num_samples, steps=[1],
+        schedules=[report_args.report_schedule], seed=training_args.seed,
+    ) + [result["length_row"]]  # fmt: skip
+    print("\nLength model alone (K = 1) next to the report's K:")
+    print(markdown_table(result["length_sweep"]))
+    skip = ("table", "length_sweep", "length_row")
+    summary = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items() if k not in skip}
+    print(json.dumps(summary, indent=1))
+    print(f"histogram: {result['histogram_png']}; checkpoint: {training_args.output_dir}")
+    return result
+
+
+__all__ = ["main", "parse_arguments", "yaml_to_flags", "build_model", "check_training_paths", "report"]
