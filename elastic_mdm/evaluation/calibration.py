@@ -18,6 +18,7 @@ import torch
 from ..packing import PackedSequences
 from ..schedules import NoiseLevelSampler, get_schedule
 from ..training.collators import IGNORE_INDEX, ElasticMDMCollator
+from ..training.objectives import make_collator
 
 
 def calibration_collator(
@@ -28,14 +29,7 @@ def calibration_collator(
     sampler = NoiseLevelSampler(
         families=(get_schedule(schedule),), min_steps=num_steps, max_steps=num_steps, length_share=length_share
     )
-    return ElasticMDMCollator(
-        mask_token_id=config.mask_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        max_length=config.max_position_embeddings,
-        noise_sampler=sampler,
-        seed=seed,
-    )
+    return make_collator("elastic", config, noise_sampler=sampler, seed=seed)
 
 
 def noise_bins(noise_level: torch.Tensor, num_bins: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ from transformers import HfArgumentParser
 from ..loading.checkpoints import load_checkpoint, local_or_hub, saved_tokenizer
 from ..training.arguments import DataArguments
 from ..training.corpus import length_statistics, load_datasets
+from ..training.objectives import get_objective
 from ..training.tokenizer import check_vocab, data_tokenizer
 from .calibration import calibration_collator, gap_calibration
 from .lengths import SWEEP_SCHEDULES, SWEEP_STEPS, length_histogram_table, length_report, length_sweep
@@ -218,7 +219,7 @@ def evaluate_checkpoint(name: str, args: EvaluationArguments, data_args: DataArg
             model, dataset, num_steps=args.num_steps, schedule=args.schedule, batch_size=args.eval_batch_size,
             seed=args.seed, num_draws=args.nelbo_draws, **held_out,
         )  # fmt: skip
-    if "calibration" in args.metrics and dataset is not None and config.objective == "elastic":
+    if "calibration" in args.metrics and dataset is not None and get_objective(config.objective).learns_gaps:
         collator = calibration_collator(
             config, num_steps=args.num_steps, schedule=args.schedule, length_share=args.calibration_length_share,
             seed=args.seed,

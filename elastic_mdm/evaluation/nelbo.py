@@ -67,7 +67,8 @@ def nelbo_report(
     with the objective's evaluation collator and seeded noise (see the module docstring). With `num_draws > 1` the
     metrics average that many independent noise draws of the data (seeds `seed`, `seed + 1`, ...) and
     `nelbo_bits_per_token_se = std(bits) / √num_draws` is the standard error of the bits per token between draws."""
-    from ..training.trainer import ElasticMDMTrainingArguments, make_collators, nelbo_metrics
+    from ..training.arguments import ElasticMDMTrainingArguments
+    from ..training.trainer import make_collators, nelbo_metrics
 
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}.")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..training.objectives import get_objective
 from ..training.synthetic import (
     SCHEMAS,
     instance_template,
@@ -109,7 +110,7 @@ def structured_validity(
     task name the validity share. With `mdlm_gap_budget` (MDLM checkpoints), templates whose budgeted canvas exceeds
     the model's length are not run and count as failures (`too_long`)."""
     limit = generate_kwargs.get("max_length") or model.config.max_position_embeddings
-    budget = generate_kwargs.get("mdlm_gap_budget") if model.config.objective == "mdlm" else None
+    budget = generate_kwargs.get("mdlm_gap_budget") if get_objective(model.config.objective).fixed_canvas else None
     fits = [template_fits(t.template_ids, model.config.mask_token_id, limit, budget) for t in tasks]
     runnable = [t.template_ids for t, ok in zip(tasks, fits, strict=True) if ok]
     texts = iter(

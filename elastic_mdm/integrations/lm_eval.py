@@ -8,18 +8,18 @@ registers `elastic_mdm` on import, and running it as `python -m` starts the harn
 same arguments) after that import. From Python, `import elastic_mdm.integrations.lm_eval` before
 `lm_eval.simple_evaluate(model="elastic_mdm", ...)` does the same.
 
-Requests (design §5, a prompt is a prefix continued in one open gap before EOS):
+Requests (docs/design.md §5, a prompt is a prefix continued in one open gap before EOS):
 
 * `generate_until(context, gen_kwargs)`: `generate(input_ids=[BOS + context])` with `max_new_tokens = max_gen_toks`
   and the token sampling of `gen_kwargs` (`do_sample`, `temperature`, `top_p`, `top_k`; greedy tokens by default as
   the harness expects), the checkpoint's generation config otherwise; the decoded new text is cut before the first
   stop sequence of `until`. A context longer than the model's window is cut from the left.
 * `loglikelihood(context, continuation)`: minus an upper bound on `-log p(continuation | context)`, the NELBO of
-  design §2b with the context tokens as anchors (never noised, their closed gaps never grow, as in `generate`) and
-  the continuation noised. It is a **bound, not the log-likelihood**: as MDM papers report, the returned value is
-  at most the model's true conditional log-probability (up to Monte Carlo noise), estimated as the mean of
-  `mc_samples` independent draws of the estimator (the step-0 term exact, one step `k ~ U{1..K}` of the K-step
-  process, `K = nelbo_num_steps`). The bound is that of the complete rest of the sequence: the continuation
+  docs/design.md §2b with the context tokens as anchors (never noised, their closed gaps never grow, as in
+  `generate`) and the continuation noised. It is a **bound, not the log-likelihood**: as MDM papers report, the
+  returned value is at most the model's true conditional log-probability (up to Monte Carlo noise), estimated as
+  the mean of `mc_samples` independent draws of the estimator (the step-0 term exact, one step `k ~ U{1..K}` of the
+  K-step process, `K = nelbo_num_steps`). The bound is that of the complete rest of the sequence: the continuation
   followed by EOS (the gap head's length term is part of it), since an Elastic-MDM writes a whole sequence.
   `is_greedy` is always `False` (a diffusion sampler has no left-to-right argmax to compare with).
   `objective="mdlm"` checkpoints use MDLM's continuous-time bound on the same anchors (continuation, EOS and pads).
@@ -40,8 +40,9 @@ from lm_eval.api.registry import register_model
 
 from ..loading.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
 from ..packing import PackedSequences
-from ..training.collators import IGNORE_INDEX, TARGET_TOKENS, MDLMCollator
-from ..training.nelbo import NELBO_KEYS, ElasticNELBOCollator, gap_nelbo_terms
+from ..training.collators import IGNORE_INDEX, TARGET_TOKENS
+from ..training.nelbo import NELBO_KEYS, gap_nelbo_terms
+from ..training.objectives import get_objective, make_collator
 
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
 
@@ -50,8 +51,8 @@ def conditional_nelbo_terms(model, batch: dict, context_lengths: torch.Tensor) -
     """Per-copy NELBO terms `[2B]` (nats, before the `nelbo_weight`s) of an `ElasticNELBOCollator` batch whose
     sequences start with `context_lengths` `[2B]` anchors (BOS and the context): the token CE of the masks plus the
     gap terms `l_k(g, m)` (`nelbo.gap_nelbo_terms`) of the open gaps only. The gaps between two context tokens are
-    closed, as in `generate(input_ids=...)`, which never draws them: they are left out of the bound (design §2b, §5).
-    With `context_lengths` all 1 (BOS alone) this is `nelbo.elastic_nelbo_terms`."""
+    closed, as in `generate(input_ids=...)`, which never draws them: they are left out of the bound (docs/design.md
+    §2b, §5). With `context_lengths` all 1 (BOS alone) this is `nelbo.elastic_nelbo_terms`."""
     inputs = {k: v for k, v in batch.items() if k not in NELBO_KEYS and k != "gap_labels"}
     out = model(**inputs, loss_reduction="sequence", output_hidden_states=True, return_logits=False)
     cu = batch["cu_seqlens"]
@@ -125,14 +126,11 @@ class ElasticMDMLM(LM):
         self.generate_kwargs = generate_kwargs
         config = self.model.config
         self.max_length = int(config.max_position_embeddings)
-        ids = dict(
-            mask_token_id=config.mask_token_id, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-            max_length=self.max_length, seed=self.seed,
+        self.objective = get_objective(config.objective)
+        self.collator = make_collator(
+            config.objective, config, nelbo=True, max_length=self.max_length, seed=self.seed,
+            schedule=self.nelbo_schedule, num_steps=self.nelbo_num_steps,
         )  # fmt: skip
-        if config.objective == "mdlm":
-            self.collator = MDLMCollator(**ids, pad_token_id=config.pad_token_id)
-        else:
-            self.collator = ElasticNELBOCollator(**ids, schedule=self.nelbo_schedule, num_steps=self.nelbo_num_steps)
 
     @property
     def tokenizer_name(self) -> str:
@@ -236,8 +234,8 @@ class ElasticMDMLM(LM):
         device = self.model.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         batch.pop(TARGET_TOKENS, None)
-        if self.model.config.objective == "mdlm":
-            return self.model(**batch, loss_reduction="sequence").token_loss.double()
+        if not self.objective.learns_gaps:  # MDLM: no gap to close, its bound of the whole batch
+            return self.objective.sequence_nelbo(self.model, batch)[2].double()
         context = torch.tensor([int(sum(f["anchor_mask"])) - 1 for f in features], device=device)  # BOS + context
         terms = conditional_nelbo_terms(self.model, batch, context.repeat(2))  # step 0, then step k of each
         weighted = batch["nelbo_weight"] * terms
