@@ -36,13 +36,13 @@ class HostSyncRecorder:
     """Records the ops that read a device tensor back to the host (a stream sync on CUDA), seen on CPU through a
     `TorchDispatchMode`: `nonzero`, `.item()` / `int(t)` / `bool(t)`, boolean indexing, `masked_select`,
     `repeat_interleave` without `output_size`, `multinomial` (its validity check reads back). The sampler's own
-    reads go through `generation_elastic_mdm.host_read`, counted apart in `reads`. With `loop_only`, only what
+    reads go through `sampler_loop_elastic_mdm.host_read`, counted apart in `reads`. With `loop_only`, only what
     runs inside the samplers' step loops (`step_range`) is recorded."""
 
     def __init__(self, monkeypatch, loop_only: bool = False) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
 
-        import elastic_mdm.generation_elastic_mdm as generation
+        import elastic_mdm.sampler_loop_elastic_mdm as generation
 
         recorder = self
         self.syncs: list[str] = []
