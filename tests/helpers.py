@@ -32,6 +32,22 @@ def tiny_config(**overrides) -> ElasticMDMConfig:
     return ElasticMDMConfig(**params)
 
 
+def tiny_model_for(tokenizer):
+    """A random (seed 0) `ElasticMDMForDiffusionLM` in eval mode on `tokenizer`'s vocabulary and special ids:
+    1 layer x 32 hidden x 4 heads, 48 positions (the pipeline and lm-eval tests, on the synthetic tokenizer)."""
+    import torch
+
+    from elastic_mdm import ElasticMDMForDiffusionLM
+
+    torch.manual_seed(0)
+    config = ElasticMDMConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=48, mask_token_id=tokenizer.mask_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return ElasticMDMForDiffusionLM(config).eval()
+
+
 class HostSyncRecorder:
     """Records the ops that read a device tensor back to the host (a stream sync on CUDA), seen on CPU through a
     `TorchDispatchMode`: `nonzero`, `.item()` / `int(t)` / `bool(t)`, boolean indexing, `masked_select`,

@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import tiny_model_for
 from transformers import pipeline
 
-from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline
 
 pytest.importorskip("jsonschema")
@@ -27,13 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> ElasticMDMForDiffusionLM:
-    torch.manual_seed(0)
-    config = ElasticMDMConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=48, mask_token_id=tokenizer.mask_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    return ElasticMDMForDiffusionLM(config).eval()
+    return tiny_model_for(tokenizer)
 
 
 @pytest.fixture(scope="module")
