@@ -11,9 +11,10 @@ import pytest
 import torch
 from helpers import BOS, EOS, MASK, MAX_POS, VOCAB, tiny_config
 from safetensors.torch import load_file, save_file
-from test_checkpoints import load_script, save_checkpoint
+from test_checkpoints import save_checkpoint
 
 from elastic_mdm import ElasticMDMCollator, ElasticMDMForDiffusionLM
+from elastic_mdm.loading import cli as generate_cli
 from elastic_mdm.sampler_loop_elastic_mdm import MAX_NUM_STEPS
 from elastic_mdm.loading.checkpoints import load_checkpoint
 
@@ -158,7 +159,7 @@ def test_num_steps_from_a_checkpoint_generation_config_is_bounded(tmp_path: Path
     config = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**config, "num_steps": 10**9}))
     with pytest.raises(ValueError, match="above the limit"):
-        load_script("generate").main([str(folder), "--num_return_sequences", "1"])
+        generate_cli.main([str(folder), "--num_return_sequences", "1"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def test_non_finite_weights_are_detected_at_load(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"non-finite weights: {bad_name.replace('.', '[.]')}"):
         load_checkpoint(str(folder))
     with pytest.raises(ValueError, match="non-finite weights"):
-        load_script("generate").main([str(folder), "--num_steps", "2"])
+        generate_cli.main([str(folder), "--num_steps", "2"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,22 +210,24 @@ def test_generate_script_checks_the_tokenizer_against_the_config(tmp_path: Path)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "mask_token_id": 9}))
     with pytest.raises(ValueError, match="config.mask_token_id=9 but tokenizer.mask_token_id=3"):
-        load_script("generate").main([str(folder), "--num_steps", "2"])
+        generate_cli.main([str(folder), "--num_steps", "2"])
 
 
 def test_generate_script_never_overwrites_a_checkpoint_file(tmp_path: Path) -> None:
     folder = save_checkpoint(tmp_path / "keep")
     before = (folder / "config.json").read_bytes()
     with pytest.raises(ValueError, match="is a file of the checkpoint folder"):
-        load_script("generate").main([str(folder), "--num_steps", "2", "--output", str(folder / "config.json")])
+        generate_cli.main([str(folder), "--num_steps", "2", "--output", str(folder / "config.json")])
     assert (folder / "config.json").read_bytes() == before
     with pytest.raises(SystemExit):
-        load_script("generate").main([str(folder), "--num_return_sequences", "0"])
+        generate_cli.main([str(folder), "--num_return_sequences", "0"])
 
 
 def test_evaluate_script_refuses_negative_counts() -> None:
+    from elastic_mdm.evaluation.cli import main as evaluate_main
+
     with pytest.raises(ValueError, match="--num_samples must be >= 0, got -3"):
-        load_script("evaluate").main(["--model_name_or_path", "unused", "--num_samples", "-3"])
+        evaluate_main(["--model_name_or_path", "unused", "--num_samples", "-3"])
 
 
 def test_collator_refuses_misaligned_anchor_masks() -> None:
