@@ -10,7 +10,8 @@ Every SchemaStore schema is stripped of its annotation keywords (`description`, 
 schema with formats checked (`training.synthetic.validate_text`) and hold at least one scalar value. Schemas are
 split into train and validation by a hash of their name, so no schema is in both. Each output row is
 `{"name", "schema", "instance"}`: the layout `scripts/evaluate.py --structured_tasks FILE` reads, and the training
-rows of `--structured_train_file FILE` (the schema text as prompt, the instance's JSON structure as anchors).
+rows of `--structured_train_file FILE` (the schema text as prompt, the instance's JSON structure as anchors). A
+byte-level BPE tokenizer trained on the train rows only is saved in `OUTPUT_DIR/tokenizer`.
 """
 
 from __future__ import annotations
@@ -101,13 +102,14 @@ def schemastore_schemas() -> Iterator[tuple[str, dict]]:
 
 @contextmanager
 def time_limit(seconds: float) -> Iterator[None]:
-    """Raise TimeoutError in the block after `seconds` (SIGALRM; main thread of a POSIX process)."""
+    """Raise TimeoutError in the block after `seconds` (SIGALRM; main thread of a POSIX process). The alarm repeats
+    every 0.2 s until the error lands, since one raised inside a garbage-collector callback is swallowed."""
 
     def expire(signum, frame):
         raise TimeoutError
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.2)
     try:
         yield
     finally:
@@ -177,8 +179,20 @@ def build(args: argparse.Namespace) -> dict[str, int]:
     finally:
         for f in files.values():
             f.close()
+    if args.tokenizer_vocab_size:
+        save_tokenizer(out / "train.jsonl", out / "tokenizer", args.tokenizer_vocab_size)
     (out / "stats.json").write_text(json.dumps(counts | vars(args), indent=2) + "\n")
     return counts
+
+
+def save_tokenizer(train_file: Path, folder: Path, vocab_size: int) -> None:
+    """A byte-level BPE (`training.synthetic.build_tokenizer`) trained on the train rows' texts (the schema prompt
+    followed by the instance), saved to `folder`: the validation schemas are never seen by it."""
+    from elastic_mdm.training.schema_prompts import PROMPT_SEPARATOR, read_rows
+    from elastic_mdm.training.synthetic import build_tokenizer
+
+    texts = [to_text(r["schema"]) + PROMPT_SEPARATOR + to_text(r["instance"]) for r in read_rows(train_file)]
+    build_tokenizer(texts, vocab_size=vocab_size).save_pretrained(folder)
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
@@ -189,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--instances", type=int, default=8, help="Distinct instances drawn per schema.")
     parser.add_argument("--seconds_per_schema", type=float, default=3.0, help="Time limit of the draws per schema.")
     parser.add_argument("--validation_share", type=float, default=0.2, help="Share of schemas held out.")
+    parser.add_argument("--tokenizer_vocab_size", type=int, default=2048, help="BPE trained on train rows (0: none).")
     counts = build(parser.parse_args(argv))
     print(json.dumps(counts))
     return counts

@@ -10,7 +10,7 @@ import pytest
 
 from benchmarks import schemastore
 from elastic_mdm.training import schema_prompts
-from elastic_mdm.training.synthetic import build_tokenizer, to_text, validate_text
+from elastic_mdm.training.synthetic import build_tokenizer, instance_template, template_ids, to_text, validate_text
 
 SCHEMA = {
     "type": "object",
@@ -26,7 +26,7 @@ def tokenizer():
 
 
 def test_instance_template_and_values_rebuild_the_instance_text() -> None:
-    pieces = schema_prompts.instance_template(INSTANCE)
+    pieces = instance_template(INSTANCE)
     values = iter(schema_prompts.instance_values(INSTANCE))
     rebuilt = "".join(next(values) if p is None else p for p in pieces)
     assert rebuilt == to_text(INSTANCE)
@@ -41,9 +41,9 @@ def test_features_decode_to_prompt_plus_instance_with_anchors_on_the_template(to
     prompt = to_text(SCHEMA) + schema_prompts.PROMPT_SEPARATOR if schema_prompt else ""
     assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + to_text(INSTANCE)
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    template = schema_prompts.template_from_pieces(tokenizer, schema_prompts.structured_pieces(SCHEMA, INSTANCE))
+    template = template_ids(tokenizer, schema_prompts.structured_pieces(SCHEMA, INSTANCE))
     anchored = [t for t, a in zip(ids, anchors, strict=True) if a]
-    expected = template if schema_prompt else schema_prompts.template_from_pieces(
+    expected = template if schema_prompt else template_ids(
         tokenizer, schema_prompts.structured_pieces(SCHEMA, INSTANCE, schema_prompt=False))  # fmt: skip
     assert anchored == [t for t in expected if t != tokenizer.mask_token_id]
     free = "".join(tokenizer.decode([t]) for t, a in zip(ids, anchors, strict=True) if not a)

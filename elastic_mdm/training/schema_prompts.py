@@ -16,30 +16,13 @@ from its output).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .synthetic import GAP, merge_text, to_text
+from .synthetic import instance_template, merge_text, template_ids, to_text
 
 PROMPT_SEPARATOR = "\n"
-
-
-def instance_template(instance: Any) -> list[str | None]:
-    """Pieces of the compact JSON of `instance` (`synthetic.to_text`) with every scalar value an open gap (`GAP`):
-    keys, braces, brackets, colons, commas and the quotes of strings are text; a string's content, a number, a
-    boolean or null is one gap. Arrays keep the instance's number of elements. Adjacent text pieces are merged."""
-    if isinstance(instance, dict):
-        parts: list[str | None] = ["{"]
-        for i, (key, value) in enumerate(instance.items()):
-            parts += [("," if i else "") + to_text(key) + ":", *instance_template(value)]
-        return merge_text([*parts, "}"])
-    if isinstance(instance, list):
-        parts = ["["]
-        for i, value in enumerate(instance):
-            parts += [","] * bool(i) + instance_template(value)
-        return merge_text([*parts, "]"])
-    return ['"', GAP, '"'] if isinstance(instance, str) else [GAP]
 
 
 def instance_values(instance: Any) -> list[str]:
@@ -65,15 +48,6 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def template_from_pieces(tokenizer, pieces: Sequence[str | None]) -> list[int]:
-    """`BOS` + each text piece tokenized on its own + `EOS`, with the mask token at each `GAP`: the layout
-    `generate(template_ids=...)` takes."""
-    ids = [tokenizer.bos_token_id]
-    for piece in pieces:
-        ids += [tokenizer.mask_token_id] if piece is GAP else encode_text(tokenizer, piece)
-    return [*ids, tokenizer.eos_token_id]
-
-
 def structured_feature(
     tokenizer, schema: dict, instance: Any, *, schema_prompt: bool = True, gap_budget: int | None = None
 ) -> dict[str, list] | None:
@@ -83,7 +57,7 @@ def structured_feature(
     ids: list[int] = []
     anchors: list[bool] = []
     values = iter(instance_values(instance))
-    for token in template_from_pieces(tokenizer, structured_pieces(schema, instance, schema_prompt)):
+    for token in template_ids(tokenizer, structured_pieces(schema, instance, schema_prompt)):
         if token != tokenizer.mask_token_id:
             ids.append(token)
             anchors.append(True)
@@ -137,10 +111,8 @@ def structured_features(
 
 __all__ = [
     "PROMPT_SEPARATOR",
-    "instance_template",
     "instance_values",
     "structured_pieces",
-    "template_from_pieces",
     "structured_feature",
     "read_rows",
     "structured_features",
