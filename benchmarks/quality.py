@@ -22,6 +22,7 @@ from elastic_mdm.evaluation.samples import draw_samples
 from elastic_mdm.evaluation.structured import builtin_structured_tasks, json_validity, structured_validity
 from elastic_mdm.training.arguments import DataArguments
 from elastic_mdm.training.corpus import length_statistics, load_datasets
+from elastic_mdm.training.objectives import get_objective
 from elastic_mdm.training.synthetic import SCHEMAS
 
 SAMPLERS = {"paper": {"lock_length": False}, "locked": {"lock_length": True}}
@@ -41,7 +42,7 @@ def sampler_scores(model, tokenizer, data_lengths, extra: dict, num_samples: int
     samples = draw_samples(model, tokenizer, num_samples, generator=torch.Generator().manual_seed(0),
                            num_steps=steps[-1], **extra)  # fmt: skip
     out["uncond_json"] = round(json_validity(samples.texts, list(SCHEMAS.values())), 4)
-    budget = {"mdlm_gap_budget": 16} if model.config.objective == "mdlm" else {}
+    budget = {"mdlm_gap_budget": 16} if get_objective(model.config.objective).fixed_canvas else {}
     fills = structured_validity(
         model,
         tokenizer,
@@ -64,14 +65,15 @@ def score(path: str, num_samples: int, nelbo_steps: list[int], nelbo_seeds: int)
     data = DataArguments(dataset_name="synthetic-json", num_synthetic_records=1, num_synthetic_eval_records=512)
     dataset = load_datasets(data, tokenizer, model.config.max_position_embeddings, 0)[1]
     lengths = length_statistics(dataset)
-    result = {"checkpoint": path, "objective": model.config.objective}
-    steps = nelbo_steps if model.config.objective == "elastic" else nelbo_steps[:1]  # MDLM's bound is continuous
+    objective = get_objective(model.config.objective)
+    result = {"checkpoint": path, "objective": objective.name}
+    steps = nelbo_steps if objective.learns_gaps else nelbo_steps[:1]  # MDLM's bound is continuous in time, no K
     result["nelbo_bits"] = {f"K{k}": nelbo_bits(model, dataset, k, nelbo_seeds) for k in steps}
-    if model.config.objective == "elastic":
+    if objective.learns_gaps:
         for name, extra in SAMPLERS.items():
             result[name] = sampler_scores(model, tokenizer, lengths, extra, num_samples, [1, 64])
     else:
-        result["mdlm"] = sampler_scores(model, tokenizer, lengths, {}, num_samples, [64])
+        result[objective.name] = sampler_scores(model, tokenizer, lengths, {}, num_samples, [64])
     result["eval_seconds"] = round(time.time() - start)
     return result
 
