@@ -11,7 +11,7 @@
 #          eager then torch.compile (dynamic shapes: the Elastic active length changes every step)   (~5 min)
 #
 # Model: the 12 x 768 DiT with the GPT-2 vocabulary (MDLM-OWT size), random weights, oracle trajectories
-# (benchmark.OracleDenoiser), bf16 autocast, torch varlen attention. It needs torch >= 2.10 and transformers;
+# (benchmarks/oracle.py), bf16 autocast, torch varlen attention. It needs torch >= 2.10 and transformers;
 # datasets, evaluate and deepspeed are not imported. Every table states its own settings.
 set -euo pipefail
 part=${1:?usage: gpu_benchmarks.sh check|b1|b32|train [out_dir]}

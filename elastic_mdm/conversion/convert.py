@@ -10,6 +10,23 @@ Memory: the source is indexed from the file headers, then read one file at a tim
 shards (`max_shard_size`) are written as soon as they are complete (`writer.py`). Peak memory is about one source file
 plus one output shard, so LLaDA-8B (16 GB in bf16) converts on a 24 GB machine. Tensors keep their source dtype
 unless `dtype` is given.
+
+Why not Transformers' own loading: `ElasticMDMForDiffusionLM.from_pretrained(src, config=..., key_mapping=...)` then
+`save_pretrained(dst, max_shard_size=..., save_original_format=False)` gives the same folder (same keys, equal
+converted tensors) but holds the whole model. Measured with `python -m benchmarks.converter_memory` (a 256 MiB fp32
+LLaDA-layout checkpoint in 4 shards, largest 96 MiB; 2-core AMD EPYC, torch 2.13.0+cpu, transformers 5.24.0,
+OMP_NUM_THREADS=1; peak RSS increase of a fresh process): fp32 -> fp32, streaming 114 MiB (0.44 x the checkpoint),
+library 298 MiB (1.16 x); fp32 -> bf16, streaming 182 MiB (0.71 x), library 391 MiB (1.53 x, of which 153 MiB
+anonymous: the whole model in bf16). The library path scales with the model, not with a shard, so it cannot hold the
+bound above for LLaDA-8B; the streaming stays (docs/benchmarks.md, "Converter I/O").
+
+`key_mapping` can express the renames of `mdlm.py` and `llada.py` only as Transformers applies it: the matched part of
+a key is replaced and a single group `\\1` is substituted (the block index; `.weight` / `.bias` stay outside the
+pattern), and `save_pretrained` reverses it unless `save_original_format=False`. It renames only: it can neither fuse
+nor split tensors (not needed here: MDLM's fused `(3, H, D)` qkv and LLaDA's separate q / k / v match ours), nor check
+a dropped tensor (MDLM's `rotary_emb.inv_freq`, `mdlm.check_rotary`), nor build the config (`plan.build_config`). The
+new gap head is reported missing and initialised by `_init_weights`; Transformers' initialisation skips modules
+without parameters of their own, the adaLN zeroing of `adaln=True` (see `writer.initialise_new_tensors`).
 """
 
 from __future__ import annotations
