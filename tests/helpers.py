@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
 from elastic_mdm import ElasticMDMConfig
+from elastic_mdm.schedules import RevealSchedule, get_schedule
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 VOCAB, MAX_POS = 64, 64
@@ -113,3 +116,38 @@ class HostSyncRecorder:
 
     def __exit__(self, *exc) -> None:
         self.mode.__exit__(*exc)
+
+
+# Shared by the oracle tests of the two samplers (tests/test_generation.py, tests/test_generation_mdlm.py).
+
+SCHEDULE_PARAMS: dict[str, dict[str, float]] = {"clipped": dict(beta=0.2, omega=0.8)}
+
+
+def schedule_of(name: str) -> RevealSchedule:
+    """The reveal schedule `name`, with the parameters of `SCHEDULE_PARAMS`."""
+    return get_schedule(name, **SCHEDULE_PARAMS.get(name, {}))
+
+
+def sequences_of(output) -> list[list[int]]:
+    """The sampled sequences of a generate output, each cut to its length."""
+    return [row[:length].tolist() for row, length in zip(output.sequences, output.lengths.tolist(), strict=True)]
+
+
+class TrueTokenHead:
+    """The token head of the oracle denoisers: all mass on the true token, held in feature 0 of `hidden` `[rows, F]`
+    (`vocab_size` logits)."""
+
+    vocab_size: int
+
+    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((hidden.shape[0], self.vocab_size), float("-inf"))
+        logits[torch.arange(hidden.shape[0]), hidden[:, 0].long()] = 0.0
+        return logits
+
+
+def cached_and_fresh(model, inputs, **kwargs):
+    """`model.generate(inputs, **kwargs)` with and without the step cache; checks they give the same samples."""
+    cached = model.generate(inputs, use_cache=True, **kwargs)
+    fresh = model.generate(inputs, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, fresh.sequences) and torch.equal(cached.lengths, fresh.lengths)
+    return cached, fresh

@@ -13,7 +13,20 @@ from itertools import pairwise
 
 import pytest
 import torch
-from helpers import BOS, EOS, MASK, MAX_POS, PAD, VOCAB, HostSyncRecorder, tiny_config
+from helpers import (
+    BOS,
+    EOS,
+    MASK,
+    MAX_POS,
+    PAD,
+    VOCAB,
+    HostSyncRecorder,
+    TrueTokenHead,
+    cached_and_fresh,
+    schedule_of,
+    sequences_of,
+    tiny_config,
+)
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
@@ -27,8 +40,6 @@ from elastic_mdm.schedules import SCHEDULES, RevealSchedule, get_schedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SCHEDULE_PARAMS: dict[str, dict[str, float]] = {"clipped": dict(beta=0.2, omega=0.8)}
-
 # ---------------------------------------------------------------------------------------------------------------
 # Oracle denoiser
 # ---------------------------------------------------------------------------------------------------------------
@@ -38,7 +49,7 @@ ORACLE_FIRST_BOS = 2  # sequence c of a batch has its own BOS id ORACLE_FIRST_BO
 ORACLE_FIRST_INTERIOR = 1000  # ... and interior ids ORACLE_FIRST_INTERIOR + (0..n-1), distinct inside one x0
 
 
-class Oracle:
+class Oracle(TrueTokenHead):
     """Knows the clean `x0` of every sequence and answers with the truth (design §3, first test fact).
 
     The sampler only treats `mask_token_id` specially, so every sequence gets its own BOS id: the first token of a
@@ -88,11 +99,6 @@ class Oracle:
             hidden[start:end, 1] = torch.tensor(positions, dtype=torch.float32)
         return hidden
 
-    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((hidden.shape[0], self.vocab_size), float("-inf"))
-        logits[torch.arange(hidden.shape[0]), hidden[:, 0].long()] = 0.0
-        return logits
-
     def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor:
         gap = (hidden[left + 1, 1] - hidden[left, 1] - 1).long()
         assert (gap >= 0).all()
@@ -110,19 +116,11 @@ def make_x0(n: int, copy: int) -> list[int]:
 def start_state(x0s: list[list[int]], anchors: list[list[int]] | None = None) -> ActiveState:
     """Start state: BOS EOS per sequence (one open gap), or the given anchor positions of x0 where a gap is open
     iff x0 has removed positions in it."""
-    tokens, open_after, lengths = [], [], []
+    sequences = []
     for i, x0 in enumerate(x0s):
         keep = [0, len(x0) - 1] if anchors is None else anchors[i]
-        tokens += [x0[p] for p in keep]
-        open_after += [b - a > 1 for a, b in pairwise(keep)] + [False]
-        lengths.append(len(keep))
-    lengths_t = torch.tensor(lengths)
-    return ActiveState(
-        tokens=torch.tensor(tokens),
-        sequence_ids=torch.arange(len(x0s)).repeat_interleave(lengths_t),
-        open_after=torch.tensor(open_after),
-        lengths=lengths_t,
-    )
+        sequences.append(([x0[p] for p in keep], [b - a > 1 for a, b in pairwise(keep)] + [False]))
+    return ActiveState.from_anchors(sequences)
 
 
 def run_oracle(
@@ -153,14 +151,6 @@ def run_oracle(
     )
     output = sample_elastic(oracle, start_state(x0s, anchors), options, gap_do_sample=True, lock_length=lock_length)
     return output, oracle
-
-
-def schedule_of(name: str) -> RevealSchedule:
-    return get_schedule(name, **SCHEDULE_PARAMS.get(name, {}))
-
-
-def sequences_of(output) -> list[list[int]]:
-    return [row[:length].tolist() for row, length in zip(output.sequences, output.lengths.tolist(), strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,9 +547,7 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
     model = build_model(seed=2)
     inputs = [[BOS, 5, 6], [BOS]] if prompt else None
     kwargs = dict(num_return_sequences=4, num_steps=16, seed=11, return_dict_in_generate=True)
-    cached = model.generate(inputs, use_cache=True, **kwargs)
-    fresh = model.generate(inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, fresh.sequences) and torch.equal(cached.lengths, fresh.lengths)
+    cached, fresh = cached_and_fresh(model, inputs, **kwargs)
     assert len(set(cached.lengths.tolist())) > 1
     assert fresh.num_passes <= 17  # the last pass is skipped when nothing is left to fill
     assert cached.tokens_processed < fresh.tokens_processed

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from helpers import HostSyncRecorder
+from helpers import HostSyncRecorder, TrueTokenHead, cached_and_fresh, schedule_of, sequences_of
 from transformers.generation.logits_process import LogitsProcessorList
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
@@ -21,7 +21,7 @@ from elastic_mdm.packing import PackedSequences
 from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
 from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
-from elastic_mdm.schedules import SCHEDULES, RevealSchedule, get_schedule
+from elastic_mdm.schedules import SCHEDULES, RevealSchedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,7 +38,7 @@ O_FIRST_BOS = 10  # sequence c has its own BOS id O_FIRST_BOS + c: the first tok
 O_FIRST_WORD = 1000  # content ids
 
 
-class CanvasOracle:
+class CanvasOracle(TrueTokenHead):
     """Knows the clean canvas `x_c` `[L]` of every sequence `c`; its features are the true token of each position
     and the token head puts all mass on it. It checks that every unmasked input token is the true one (so the
     sampler's canvas layout, prompt and template anchors included, is the one of `x`) and records the noise levels."""
@@ -62,21 +62,10 @@ class CanvasOracle:
         assert torch.equal(input_ids[known], truth[known]), "a clean canvas token differs from x"
         return truth[:, None].float()  # [T, 1]
 
-    def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.full((hidden.shape[0], self.vocab_size), float("-inf"))
-        logits[torch.arange(hidden.shape[0]), hidden[:, 0].long()] = 0.0
-        return logits
-
 
 def anchors_state(anchors: list[list[int]], open_after: list[list[bool]]) -> ActiveState:
     """Packed start state from per-sequence anchor tokens and open flags."""
-    lengths = torch.tensor([len(a) for a in anchors])
-    return ActiveState(
-        tokens=torch.tensor([t for a in anchors for t in a]),
-        sequence_ids=torch.arange(len(anchors)).repeat_interleave(lengths),
-        open_after=torch.tensor([f for flags in open_after for f in flags]),
-        lengths=lengths,
-    )
+    return ActiveState.from_anchors(list(zip(anchors, open_after, strict=True)))
 
 
 def prompt_state(canvases: list[list[int]], prompt_lengths: list[int]) -> ActiveState:
@@ -110,14 +99,6 @@ def run_oracle(
     )
     output = sample_mdlm(oracle, state, options, eos_token_id=O_EOS, gap_budget=gap_budget)
     return output, oracle
-
-
-def schedule_of(name: str) -> RevealSchedule:
-    return get_schedule(name, **({"beta": 0.2, "omega": 0.8} if name == "clipped" else {}))
-
-
-def sequences_of(output) -> list[list[int]]:
-    return [row[:length].tolist() for row, length in zip(output.sequences, output.lengths.tolist(), strict=True)]
 
 
 def make_canvas(content: list[int], copy: int, length: int) -> list[int]:
@@ -310,9 +291,7 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
     model = tiny_mdlm(seed=2)
     inputs = [[BOS, 5, 6], [BOS]] if prompt else None
     kwargs = dict(num_return_sequences=3, num_steps=64, seed=11, return_dict_in_generate=True)
-    cached = model.generate(inputs, use_cache=True, **kwargs)
-    fresh = model.generate(inputs, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, fresh.sequences) and torch.equal(cached.lengths, fresh.lengths)
+    cached, fresh = cached_and_fresh(model, inputs, **kwargs)
     assert fresh.num_passes == 64 and fresh.tokens_processed == 64 * cached.sequences.shape[0] * CANVAS
     assert cached.tokens_processed < fresh.tokens_processed / 2
 
