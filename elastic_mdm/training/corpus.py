@@ -82,7 +82,6 @@ def _check_files_exist(files: Sequence[str]) -> None:
             raise FileNotFoundError(f"Data file {path!r} does not exist.")
 
 
-
 def _load_files(data_args: DataArguments) -> Any:
     """`DatasetDict` (or `IterableDatasetDict`) of the local files, keyed by `train_split` / `eval_split`."""
     import datasets
@@ -313,6 +312,10 @@ def load_datasets(
     """
     check_max_length(max_length)
     anchor_ids(tokenizer)
+    if data_args.structured_train_file:
+        from .schema_prompts import structured_datasets
+
+        return structured_datasets(data_args, tokenizer, max_length)
     train_documents, eval_documents, text_column = load_raw_datasets(data_args, seed)
     common = {
         "tokenizer": tokenizer,

@@ -198,7 +198,6 @@ def sync_config_with_tokenizer(
     return config
 
 
-
 def anchor_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """`(bos_token_id, eos_token_id)` of `tokenizer`, or a ValueError pointing to `ensure_special_tokens`."""
     missing = [role for role in ("bos", "eos") if lacks_token(tokenizer, role)]
