@@ -18,7 +18,7 @@ import torch
 class Samples:
     """Generated sequences: `ids[i]` the tokens of sample i (anchors included), `lengths` `[N]`, `texts[i]` its
     decoded text (special tokens skipped); `tokens_per_forward` the generated tokens over the denoiser passes of
-    every sequence (`generation_elastic_mdm.tokens_per_forward`, pooled over the batches)."""
+    every sequence (`sampler_loop_elastic_mdm.tokens_per_forward`, pooled over the batches)."""
 
     ids: list[list[int]]
     lengths: torch.Tensor

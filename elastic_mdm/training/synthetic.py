@@ -12,7 +12,7 @@ off runs of JSON structural characters (`STRUCTURAL_RUN`): no token ever spans t
 a value, so tokenizing a record equals concatenating the tokenizations of its structural pieces and of its values.
 That is what makes templates (paper §5.4, docs/design.md §5) line up with real data: a template is `BOS` + structural
 pieces + `EOS` with one `[MASK]` per value, each mask marking one open gap of variable length (see
-`parse_template` in `generation_elastic_mdm.py`).
+`parse_template` in `sampling_state_elastic_mdm.py`).
 
 Arrays in templates: the whole array content between `[` and `]` is ONE open gap (the model chooses how many
 elements to write, and their quotes and commas), so templates never fix an array length.
