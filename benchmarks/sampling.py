@@ -192,7 +192,7 @@ def benchmark_sampling(
     wrap: Callable[[Any], Any] = lambda d: d,
 ) -> list[dict[str, Any]]:
     """One row per variant: median seconds per batch, ms per sequence, sequences/s, generated tokens/s, passes,
-    tokens per forward pass (`generation_elastic_mdm.tokens_per_forward`), tokens encoded per sequence, mean active
+    tokens per forward pass (`sampler_loop_elastic_mdm.tokens_per_forward`), tokens encoded per sequence, mean active
     length per pass, GFLOP per sequence, tensor ops per step outside the denoiser passes (`OpCounter`), TFLOP/s and
     MFU."""
     flops = FlopModel.of(setup.model)
