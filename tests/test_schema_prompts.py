@@ -113,3 +113,24 @@ def test_draw_instances_are_distinct_plain_and_valid() -> None:
     texts = [to_text(i) for i in instances]
     assert len(instances) == 5 and len(set(texts)) == 5
     assert all(schemastore.is_plain(t) and validate_text(t, schema) for t in texts)
+
+
+def test_structured_datasets_follow_the_data_arguments(tokenizer, tmp_path) -> None:
+    from elastic_mdm.training.arguments import DataArguments
+
+    rows = [{"schema": SCHEMA, "instance": INSTANCE}, {"schema": {"type": "integer"}, "instance": 7}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = DataArguments(
+        structured_train_file=str(path), structured_eval_file=str(path), structured_schema_prompt=False
+    )
+    train, eval_ = schema_prompts.structured_datasets(args, tokenizer, max_length=512)
+    assert train.column_names == ["input_ids", "anchor_mask"] and len(train) == len(eval_) == 2
+    assert tokenizer.decode(train[1]["input_ids"], skip_special_tokens=True) == "7"
+    assert train[1]["anchor_mask"] == [True, False, True]
+    with pytest.raises(ValueError, match="No row of .* fits max_length=2"):
+        schema_prompts.structured_datasets(args, tokenizer, max_length=2)
+    with pytest.raises(ValueError, match="--structured_train_file alone"):
+        DataArguments(structured_train_file=str(path), dataset_name="synthetic-json")
+    with pytest.raises(ValueError, match="structured_gap_budget=0"):
+        DataArguments(structured_train_file=str(path), structured_gap_budget=0)

@@ -97,6 +97,26 @@ class DataArguments:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets and tokenizers."})
+    structured_train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL of {schema, instance} rows (benchmarks/schemastore.py): train on the structured task, the "
+            "instance's JSON structure anchored and (--structured_schema_prompt) the schema text as prompt."
+        },
+    )
+    structured_eval_file: str | None = field(
+        default=None, metadata={"help": "Held-out JSONL of {schema, instance} rows (default: none, no eval set)."}
+    )
+    structured_schema_prompt: bool = field(
+        default=True, metadata={"help": "Put the compact schema text before the instance, as an anchored prompt."}
+    )
+    structured_gap_budget: int | None = field(
+        default=None,
+        metadata={
+            "help": "MDLM baseline: pad every value to this many tokens with the pad token (rows with a longer value "
+            "are left out), the canvas generate(mdlm_gap_budget=...) fills."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.train_files, str):
@@ -113,6 +133,12 @@ class DataArguments:
             raise ValueError(f"text_sample_by={self.text_sample_by!r} is unknown; use one of {TEXT_SAMPLE_BY}.")
         if not 0.0 <= self.synthetic_anchor_share <= 1.0:
             raise ValueError(f"synthetic_anchor_share={self.synthetic_anchor_share} must lie in [0, 1].")
+        if self.structured_train_file and (self.dataset_name or self.train_files):
+            raise ValueError("Give --structured_train_file alone, without --dataset_name or --train_files.")
+        if self.structured_eval_file and not self.structured_train_file:
+            raise ValueError("--structured_eval_file needs --structured_train_file.")
+        if self.structured_gap_budget is not None and self.structured_gap_budget < 1:
+            raise ValueError(f"structured_gap_budget={self.structured_gap_budget} must be at least 1 (tokens a value).")
 
     @property
     def is_synthetic(self) -> bool:

@@ -20,7 +20,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from transformers.utils import logging
+
 from .synthetic import instance_template, merge_text, template_ids, to_text
+
+logger = logging.get_logger(__name__)
 
 PROMPT_SEPARATOR = "\n"
 
@@ -109,6 +113,42 @@ def structured_features(
     return features, left_out
 
 
+def structured_datasets(data_args, tokenizer, max_length: int) -> tuple[Any, Any]:
+    """`(train, eval)` `datasets.Dataset`s of `structured_features` of `data_args.structured_train_file` and
+    `structured_eval_file` (eval None without one). Rows that do not fit are left out with a warning that counts
+    them; a file with no row that fits is an error naming the flags to change."""
+    import datasets
+
+    splits = []
+    for path in (data_args.structured_train_file, data_args.structured_eval_file):
+        if path is None:
+            splits.append(None)
+            continue
+        features, left_out = structured_features(
+            tokenizer,
+            read_rows(path),
+            max_length=max_length,
+            schema_prompt=data_args.structured_schema_prompt,
+            gap_budget=data_args.structured_gap_budget,
+        )
+        if not features:
+            raise ValueError(
+                f"No row of {path} fits max_length={max_length} tokens"
+                + (
+                    f" with structured_gap_budget={data_args.structured_gap_budget}"
+                    if data_args.structured_gap_budget
+                    else ""
+                )
+                + "; raise max_position_embeddings or the budget."
+            )
+        if left_out:
+            logger.warning(
+                f"{left_out} rows of {path} do not fit max_length={max_length} (or the gap budget); left out."
+            )
+        splits.append(datasets.Dataset.from_list(features))
+    return splits[0], splits[1]
+
+
 __all__ = [
     "PROMPT_SEPARATOR",
     "instance_values",
@@ -116,4 +156,5 @@ __all__ = [
     "structured_feature",
     "read_rows",
     "structured_features",
+    "structured_datasets",
 ]
