@@ -166,6 +166,7 @@ def measure(method: str, src: Path, dst: Path, max_shard_size: str, dtype: str) 
 
 
 def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files of `folder`, by key."""
     tensors = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(path, framework="pt") as f:
@@ -183,6 +184,7 @@ def compare_outputs(streaming: Path, library: Path) -> str:
 
 
 def run_method(method: str, src: Path, dst: Path, max_shard_size: str, dtype: str) -> dict[str, float]:
+    """`measure` of `method` in a fresh interpreter (`--run`), into an emptied `dst`."""
     shutil.rmtree(dst, ignore_errors=True)
     command = [sys.executable, "-m", "benchmarks.converter_memory", "--run", method, str(src), str(dst)]
     result = subprocess.run([*command, max_shard_size, dtype], capture_output=True, text=True, check=False)
@@ -192,6 +194,7 @@ def run_method(method: str, src: Path, dst: Path, max_shard_size: str, dtype: st
 
 
 def report(rows: dict[str, dict[str, float]], total: int, src: Path, dst: Path, comparison: str, dtype: str) -> str:
+    """The Markdown table: machine, versions, checkpoint, and per method the peak RSS and wall time."""
     mib = 2**20
     largest_source = max(p.stat().st_size for p in src.glob("*.safetensors"))
     lines = [
@@ -215,6 +218,7 @@ def report(rows: dict[str, dict[str, float]], total: int, src: Path, dst: Path, 
 
 
 def main(argv: list[str] | None = None) -> str | None:
+    """Build the source, convert it with each method, print (and write) the table; `--run`: one measurement."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs=5, metavar=("METHOD", "SRC", "DST", "SIZE", "DTYPE"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default="converter_memory", help="source and outputs go here")

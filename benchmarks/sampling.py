@@ -61,6 +61,8 @@ def static_shape_wrapper(pad_token_id: int, granularity: int = 64, cuda_graphs: 
 
 @dataclass(frozen=True)
 class Variant:
+    """A timed sampler: its table name, `sample_elastic` or `sample_mdlm`, and whether its step cache is on."""
+
     name: str
     sampler: str  # "elastic" | "mdlm"
     use_cache: bool
@@ -121,6 +123,7 @@ class SamplingSetup:
 
 
 def clone(state: ActiveState) -> ActiveState:
+    """A copy of `state` (the samplers change their state in place; every run starts from the same one)."""
     return ActiveState(*(t.clone() for t in (state.tokens, state.sequence_ids, state.open_after, state.lengths)))
 
 

@@ -17,10 +17,12 @@ H100_BF16_DENSE_TFLOPS = 989.0
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to `dtype` on `device`; no-op when `dtype` is None (fp32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the queued CUDA work of `device` (nothing to wait for on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
