@@ -6,6 +6,7 @@ attention, MLP, the transformer block (`dit` = MDLM's DiT, `llama` = LLaDA's blo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,31 +20,34 @@ from .packing import PackedSequences
 TIME_SCALE = 1000.0  # noise levels in [0, 1] are fed to the sinusoidal time embedding as 1000 * level
 
 
-class ElasticMDMLayerNorm(nn.Module):
+class ElasticMDMNorm(nn.Module):
+    """A weight-only normalisation computed in fp32: `normalize(x) * w`, `normalize` the subclass's `kernel`."""
+
+    kernel: Callable[..., torch.Tensor]
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.kernel(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()).to(x.dtype)
+
+
+class ElasticMDMLayerNorm(ElasticMDMNorm):
     """Weight-only LayerNorm computed in fp32 (MDLM's DiT): `LN(x) * w`."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.layer_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()).to(x.dtype)
+    kernel = staticmethod(F.layer_norm)
 
 
-class ElasticMDMRMSNorm(nn.Module):
+class ElasticMDMRMSNorm(ElasticMDMNorm):
     """RMSNorm computed in fp32: `x / sqrt(mean(x²) + eps) * w`."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps) * self.weight.float()).to(x.dtype)
+    kernel = staticmethod(F.rms_norm)
 
 
-def make_norm(config: ElasticMDMConfig) -> nn.Module:
+def make_norm(config: ElasticMDMConfig) -> ElasticMDMNorm:
+    """The norm of the block type: LayerNorm for `dit`, RMSNorm for `llama`."""
     norm = ElasticMDMLayerNorm if config.block_type == "dit" else ElasticMDMRMSNorm
     return norm(config.hidden_size, eps=config.norm_eps)
 

@@ -27,8 +27,7 @@ from .layers_elastic_mdm import (
     ElasticMDMAdaLN,
     ElasticMDMBlock,
     ElasticMDMGapHead,
-    ElasticMDMLayerNorm,
-    ElasticMDMRMSNorm,
+    ElasticMDMNorm,
     ElasticMDMRotaryEmbedding,
     ElasticMDMTimestepEmbedder,
     make_norm,
@@ -63,7 +62,7 @@ class ElasticMDMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
             return
         super()._init_weights(module)
-        if isinstance(module, (ElasticMDMLayerNorm, ElasticMDMRMSNorm)):
+        if isinstance(module, ElasticMDMNorm):
             init.ones_(module.weight)
         elif isinstance(module, ElasticMDMRotaryEmbedding):
             dim = self.config.head_dim

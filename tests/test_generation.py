@@ -1,4 +1,4 @@
-"""Tests of the Elastic-MDM reverse process (design §3) and of `generate()`.
+"""Tests of the Elastic-MDM reverse process (docs/design.md §3) and of `generate()`.
 
 The sampler is first driven by an *oracle* denoiser that knows the clean sequences: it must then return them exactly,
 for every schedule and horizon, and the number of active tokens at step k must be Binomial(n, F(k)). Then `generate()`
@@ -50,7 +50,7 @@ ORACLE_FIRST_INTERIOR = 1000  # ... and interior ids ORACLE_FIRST_INTERIOR + (0.
 
 
 class Oracle(TrueTokenHead):
-    """Knows the clean `x0` of every sequence and answers with the truth (design §3, first test fact).
+    """Knows the clean `x0` of every sequence and answers with the truth (docs/design.md §3, first test fact).
 
     The sampler only treats `mask_token_id` specially, so every sequence gets its own BOS id: the first token of a
     packed sequence (always its BOS, insertions only go after tokens) says which `x0` it is, also when step caching
@@ -556,8 +556,8 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool) -> None:
-    """design §8: no host-device sync inside the step loop but the one `host_read` after each insertion (plus one
-    before the loop); the model forward, the heads and the draws read nothing back."""
+    """docs/design.md §8: no host-device sync inside the step loop but the one `host_read` after each insertion
+    (plus one before the loop); the model forward, the heads and the draws read nothing back."""
     model = build_model(seed=2)
     state = model._initial_state(None, None, None, num_return_sequences=4)
     with HostSyncRecorder(monkeypatch) as recorder:

@@ -299,8 +299,8 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("template", [False, True], ids=["prompt", "template"])
 def test_step_loop_reads_the_device_once_per_step(monkeypatch, model, use_cache: bool, template: bool) -> None:
-    """design §8, as for Elastic-MDM: one `host_read` per step (revealed count and pass size) and no other read-back
-    inside the loop; building the canvas and cutting the result read the device outside it."""
+    """docs/design.md §8, as for Elastic-MDM: one `host_read` per step (revealed count and pass size) and no other
+    read-back inside the loop; building the canvas and cutting the result read the device outside it."""
     inputs = dict(template_ids=[[BOS, MASK, ANCHORS[0], MASK, EOS]], mdlm_gap_budget=3) if template else {}
     with HostSyncRecorder(monkeypatch, loop_only=True) as recorder:
         out = model.generate(
