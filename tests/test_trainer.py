@@ -172,3 +172,20 @@ def test_torch_compile(tmp_path, tokenizer, records) -> None:
     )
     trainer.train()
     assert all(math.isfinite(x) for x in logged(trainer, "loss"))
+
+
+def test_tokens_encoded_counts_the_positions_each_objective_encodes(tmp_path, tokenizer, records) -> None:
+    """MDLM encodes its whole canvas (batch x max_length per step); Elastic only the active tokens, at most the clean
+    sequences; the count is cumulative in the logs."""
+    train, _ = records
+    counts = {}
+    for objective in ("elastic", "mdlm"):
+        args = arguments(tmp_path / objective, objective=objective, max_steps=4, logging_steps=1)
+        trainer = ElasticMDMTrainer(model=tiny_model(tokenizer), args=args, train_dataset=train)
+        trainer.train()
+        counts[objective] = logged(trainer, "tokens_encoded")
+    canvas = 32 * 80  # per_device_train_batch_size x max_position_embeddings
+    assert counts["mdlm"] == [canvas * (step + 1) for step in range(4)]
+    steps = [b - a for a, b in zip([0.0, *counts["elastic"]], counts["elastic"], strict=False)]
+    longest_batch = 32 * max(len(f["input_ids"]) for f in train)
+    assert all(0 < s <= longest_batch for s in steps) and counts["elastic"][-1] < counts["mdlm"][-1]

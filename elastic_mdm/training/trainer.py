@@ -58,6 +58,7 @@ class ElasticMDMTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator or train_collator, **kwargs)
         self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._component_count = 0
+        self._tokens_encoded = 0  # positions the backbone encoded in training since this process started
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if PackingCollator.is_clean(inputs):  # deferred noise: drawn here, on the batch's device
@@ -67,11 +68,16 @@ class ElasticMDMTrainer(Trainer):
             for name in ("token_loss", "gap_loss"):
                 self._component_sums[name] += outputs[name].detach().float()
             self._component_count += 1
+            self._tokens_encoded += inputs["input_ids"].numel()  # a shape: no device read
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the mean `token_loss` / `gap_loss` since the last log to the training logs."""
+        """Adds the mean `token_loss` / `gap_loss` since the last log, and `tokens_encoded` (positions the backbone
+        encoded in training, all processes, since this process started: the compute measure for comparing objectives
+        at equal cost, since Elastic encodes only active tokens and MDLM its whole canvas), to the training logs."""
         if "loss" in logs and self._component_count:
+            encoded = torch.tensor(float(self._tokens_encoded), device=self.args.device)
+            logs["tokens_encoded"] = int(self.accelerator.reduce(encoded, reduction="sum"))
             for name, total in self._component_sums.items():
                 mean = self.accelerator.reduce(total, reduction="mean") / self._component_count
                 logs[name] = round(float(mean), 4)
