@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from elastic_mdm import ElasticMDMConfig
+from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
 from elastic_mdm.schedules import RevealSchedule, get_schedule
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
@@ -151,3 +153,32 @@ def cached_and_fresh(model, inputs, **kwargs):
     fresh = model.generate(inputs, use_cache=False, **kwargs)
     assert torch.equal(cached.sequences, fresh.sequences) and torch.equal(cached.lengths, fresh.lengths)
     return cached, fresh
+
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<mask>"]  # ids PAD, BOS, EOS, MASK of `tiny_config`
+
+
+def word_tokenizer(words: list[str] | None = None):
+    """A 64-token word-level tokenizer whose special ids are PAD/BOS/EOS/MASK = 0/1/2/3 (those of `tiny_config`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = words or [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", mask_token="<mask>",
+        unk_token=words[0],
+    )  # fmt: skip
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (PAD, BOS, EOS)
+    assert tokenizer.mask_token_id == MASK and len(tokenizer) == VOCAB
+    return tokenizer
+
+
+def save_checkpoint(folder: Path, **overrides) -> Path:
+    """A tiny Elastic-MDM folder (weights, config, remote code, tokenizer)."""
+    torch.manual_seed(0)
+    ElasticMDMForDiffusionLM(tiny_config(**overrides)).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder

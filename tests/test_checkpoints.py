@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import BOS, EOS, MASK, PAD, VOCAB, tiny_config
+from helpers import SPECIALS, VOCAB, save_checkpoint, tiny_config, word_tokenizer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.loading import cli as generate_cli
@@ -19,34 +18,7 @@ from elastic_mdm.training.tokenizer import check_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<mask>"]
 MARKER_CODE = "import pathlib\npathlib.Path({marker!r}).write_text('ran')\n"
-
-
-def word_tokenizer(words: list[str] | None = None):
-    """A 64-token word-level tokenizer whose special ids are PAD/BOS/EOS/MASK = 0/1/2/3 (those of `tiny_config`)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = words or [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
-    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=words[0]))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", mask_token="<mask>",
-        unk_token=words[0],
-    )  # fmt: skip
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (PAD, BOS, EOS)
-    assert tokenizer.mask_token_id == MASK and len(tokenizer) == VOCAB
-    return tokenizer
-
-
-def save_checkpoint(folder: Path, **overrides) -> Path:
-    """A tiny Elastic-MDM folder (weights, config, remote code, tokenizer)."""
-    torch.manual_seed(0)
-    ElasticMDMForDiffusionLM(tiny_config(**overrides)).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,8 @@ from elastic_mdm.evaluation.structured import (
     structured_validity,
     template_fits,
 )
-from elastic_mdm.training.synthetic import (
-    GAP,
-    SCHEMAS,
-    build_tokenizer,
-    fill_template,
-    instance_template,
-    synthetic_dataset,
-    to_text,
-)
+from elastic_mdm.training.json_templates import GAP, fill_template, instance_template, to_text
+from elastic_mdm.training.synthetic import SCHEMAS, build_tokenizer, synthetic_dataset
 from elastic_mdm.training.tokenizer import sync_config_with_tokenizer
 
 

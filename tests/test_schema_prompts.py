@@ -10,7 +10,15 @@ import pytest
 
 from benchmarks import schemastore
 from elastic_mdm.training import schema_prompts
-from elastic_mdm.training.synthetic import build_tokenizer, instance_template, template_ids, to_text, validate_text
+from elastic_mdm.training.json_templates import (
+    encode_piece,
+    instance_template,
+    instance_values,
+    template_ids,
+    to_text,
+    validate_text,
+)
+from elastic_mdm.training.synthetic import build_tokenizer
 
 SCHEMA = {
     "type": "object",
@@ -27,7 +35,7 @@ def tokenizer():
 
 def test_instance_template_and_values_rebuild_the_instance_text() -> None:
     pieces = instance_template(INSTANCE)
-    values = iter(schema_prompts.instance_values(INSTANCE))
+    values = iter(instance_values(INSTANCE))
     rebuilt = "".join(next(values) if p is None else p for p in pieces)
     assert rebuilt == to_text(INSTANCE)
     assert pieces.count(None) == 6  # name, two tags, size, ok, note
@@ -47,16 +55,16 @@ def test_features_decode_to_prompt_plus_instance_with_anchors_on_the_template(to
         tokenizer, schema_prompts.structured_pieces(SCHEMA, INSTANCE, schema_prompt=False))  # fmt: skip
     assert anchored == [t for t in expected if t != tokenizer.mask_token_id]
     free = "".join(tokenizer.decode([t]) for t, a in zip(ids, anchors, strict=True) if not a)
-    assert free == "".join(schema_prompts.instance_values(INSTANCE))
+    assert free == "".join(instance_values(INSTANCE))
 
 
 def test_mdlm_budget_pads_every_value_and_refuses_longer_values(tokenizer) -> None:
-    longest = max(len(schema_prompts.encode_text(tokenizer, v)) for v in schema_prompts.instance_values(INSTANCE))
+    longest = max(len(encode_piece(tokenizer, v)) for v in instance_values(INSTANCE))
     budget = longest + 2
     feature = schema_prompts.structured_feature(tokenizer, SCHEMA, INSTANCE, gap_budget=budget)
     plain = schema_prompts.structured_feature(tokenizer, SCHEMA, INSTANCE)
     free = [not a for a in feature["anchor_mask"]]
-    assert sum(free) == budget * len(schema_prompts.instance_values(INSTANCE))
+    assert sum(free) == budget * len(instance_values(INSTANCE))
     unpadded = [t for t, f in zip(feature["input_ids"], free, strict=True) if not (f and t == tokenizer.pad_token_id)]
     assert unpadded == plain["input_ids"]
     assert schema_prompts.structured_feature(tokenizer, SCHEMA, INSTANCE, gap_budget=longest - 1) is None
@@ -134,3 +142,22 @@ def test_structured_datasets_follow_the_data_arguments(tokenizer, tmp_path) -> N
         DataArguments(structured_train_file=str(path), dataset_name="synthetic-json")
     with pytest.raises(ValueError, match="structured_gap_budget=0"):
         DataArguments(structured_train_file=str(path), structured_gap_budget=0)
+
+
+@pytest.mark.parametrize("schema_prompt", [True, False])
+def test_evaluation_templates_are_the_training_anchors(tokenizer, tmp_path, schema_prompt) -> None:
+    """The template a structured task fills holds exactly the anchored tokens of the training feature of its row,
+    masks where the values go; the prompt is cut from a fill before scoring."""
+    from elastic_mdm.evaluation.structured import load_structured_tasks, without_prompt
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"name": "r", "schema": SCHEMA, "instance": INSTANCE}) + "\n")
+    (task,) = load_structured_tasks(path, tokenizer, schema_prompt=schema_prompt)
+    feature = schema_prompts.structured_feature(tokenizer, SCHEMA, INSTANCE, schema_prompt=schema_prompt)
+    anchored = [t for t, a in zip(feature["input_ids"], feature["anchor_mask"], strict=True) if a]
+    assert [t for t in task.template_ids if t != tokenizer.mask_token_id] == anchored
+    assert task.template_ids.count(tokenizer.mask_token_id) == len(instance_values(INSTANCE))
+    assert task.prompt == (schema_prompts.prompt_text(SCHEMA) if schema_prompt else "")
+    text = tokenizer.decode(feature["input_ids"], skip_special_tokens=True)
+    assert without_prompt(text, task.prompt) == to_text(INSTANCE)
+    assert without_prompt("{}", "not the prompt") is None

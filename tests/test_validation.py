@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BOS, EOS, MASK, MAX_POS, VOCAB, tiny_config
+from helpers import BOS, EOS, MASK, MAX_POS, VOCAB, save_checkpoint, tiny_config
 from safetensors.torch import load_file, save_file
-from test_checkpoints import save_checkpoint
 
 from elastic_mdm import ElasticMDMCollator, ElasticMDMForDiffusionLM
 from elastic_mdm.loading import cli as generate_cli
-from elastic_mdm.sampler_loop_elastic_mdm import MAX_NUM_STEPS
 from elastic_mdm.loading.checkpoints import load_checkpoint
+from elastic_mdm.sampler_loop_elastic_mdm import MAX_NUM_STEPS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

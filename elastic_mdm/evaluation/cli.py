@@ -139,7 +139,7 @@ def structured_tasks(args: EvaluationArguments, data_args: DataArguments, tokeni
         return []
     if source == BUILTIN:
         return builtin_structured_tasks(tokenizer)
-    return load_structured_tasks(source, tokenizer, args.max_structured_tasks)
+    return load_structured_tasks(source, tokenizer, args.max_structured_tasks, data_args.structured_schema_prompt)
 
 
 def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, scorer, output_dir: Path) -> dict:

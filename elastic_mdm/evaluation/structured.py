@@ -1,8 +1,8 @@
 """Structured output (paper §5.4): templates whose structure tokens are anchors and whose values are open gaps,
 filled by `generate(template_ids=...)`, scored by the share of fills that parse as JSON and validate against
-their schema (`training.synthetic.validate_text`, formats checked).
+their schema (`training.json_templates.validate_text`, formats checked).
 
-A template is `BOS .. EOS` with the mask token at each open gap (`training.synthetic.template_ids`); its pieces come
+A template is `BOS .. EOS` with the mask token at each open gap (`json_templates.template_ids`); its pieces come
 from the schema (`json_template`) or from an instance (`instance_template`, arrays keep their length). An MDLM
 checkpoint fills a fixed canvas: each open gap takes `mdlm_gap_budget` masks, so a template fits the model's
 length `L` only when `#anchors + #gaps · budget <= L`.
@@ -19,15 +19,10 @@ from typing import Any
 
 import torch
 
+from ..training.json_templates import instance_template, json_template, merge_text, template_ids, validate_text
 from ..training.objectives import get_objective
-from ..training.synthetic import (
-    SCHEMAS,
-    instance_template,
-    json_template,
-    template_ids,
-    template_token_ids,
-    validate_text,
-)
+from ..training.schema_prompts import prompt_text
+from ..training.synthetic import SCHEMAS, template_token_ids
 from .samples import decode_samples
 
 
@@ -39,6 +34,7 @@ class StructuredTask:
     name: str
     template_ids: list[int]
     schema: dict
+    prompt: str = ""  # text before the JSON (the schema prompt), cut from each fill before it is scored
 
 
 def builtin_structured_tasks(tokenizer) -> list[StructuredTask]:
@@ -46,10 +42,13 @@ def builtin_structured_tasks(tokenizer) -> list[StructuredTask]:
     return [StructuredTask(name, template_token_ids(tokenizer, name), schema) for name, schema in SCHEMAS.items()]
 
 
-def load_structured_tasks(path: str | Path, tokenizer, limit: int | None = None) -> list[StructuredTask]:
+def load_structured_tasks(
+    path: str | Path, tokenizer, limit: int | None = None, schema_prompt: bool = False
+) -> list[StructuredTask]:
     """Tasks of a JSONL file of `{"schema": ..., "instance": ...}` rows (optional `"name"`). The template comes from
     the instance (`instance_template`); rows without an instance use the schema's template (`json_template`:
-    objects, arrays as one gap, strings, scalars)."""
+    objects, arrays as one gap, strings, scalars). With `schema_prompt`, the compact schema text and a newline come
+    first, as anchors (`training.schema_prompts`, the schema-only setting the model was trained on)."""
     tasks = []
     with open(path) as f:
         for i, line in enumerate(f):
@@ -57,7 +56,9 @@ def load_structured_tasks(path: str | Path, tokenizer, limit: int | None = None)
                 continue
             row = json.loads(line)
             pieces = instance_template(row["instance"]) if "instance" in row else json_template(row["schema"])
-            tasks.append(StructuredTask(row.get("name", f"row{i}"), template_ids(tokenizer, pieces), row["schema"]))
+            prompt = prompt_text(row["schema"]) if schema_prompt else ""
+            ids = template_ids(tokenizer, merge_text([prompt, *pieces]) if prompt else pieces)
+            tasks.append(StructuredTask(row.get("name", f"row{i}"), ids, row["schema"], prompt))
             if limit is not None and len(tasks) >= limit:
                 break
     return tasks
@@ -122,7 +123,7 @@ def structured_validity(
     parsed, valid, by_name = [], [], defaultdict(list)
     for task, ok in zip(tasks, fits, strict=True):
         for _ in range(num_per_template):
-            text = next(texts) if ok else None
+            text = without_prompt(next(texts), task.prompt) if ok else None
             parsed.append(text is not None and validate_text(text, {}))  # the empty schema accepts any JSON value
             valid.append(text is not None and validate_text(text, task.schema))
             by_name[task.name].append(valid[-1])
@@ -134,6 +135,11 @@ def structured_validity(
         "too_long": fits.count(False),
         "by_name": {name: sum(v) / len(v) for name, v in by_name.items()},
     }
+
+
+def without_prompt(text: str, prompt: str) -> str | None:
+    """The fill after its prompt; None if the text does not start with the prompt (a failed fill)."""
+    return text[len(prompt) :] if text.startswith(prompt) else None
 
 
 def json_validity(texts: Sequence[str], schemas: Sequence[dict]) -> float:

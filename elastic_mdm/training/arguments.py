@@ -108,7 +108,11 @@ class DataArguments:
         default=None, metadata={"help": "Held-out JSONL of {schema, instance} rows (default: none, no eval set)."}
     )
     structured_schema_prompt: bool = field(
-        default=True, metadata={"help": "Put the compact schema text before the instance, as an anchored prompt."}
+        default=False,
+        metadata={
+            "help": "Put the compact schema text before the instance, as an anchored prompt (training rows, and the "
+            "templates of scripts/evaluate.py --structured_tasks FILE)."
+        },
     )
     structured_gap_budget: int | None = field(
         default=None,

@@ -22,34 +22,23 @@ from typing import Any
 
 from transformers.utils import logging
 
-from .synthetic import instance_template, merge_text, template_ids, to_text
+from .json_templates import encode_piece, instance_template, instance_values, merge_text, template_ids, to_text
 
 logger = logging.get_logger(__name__)
 
 PROMPT_SEPARATOR = "\n"
 
 
-def instance_values(instance: Any) -> list[str]:
-    """Text of each gap of `instance_template(instance)`, in order: a string's JSON-escaped content without its
-    quotes, any other scalar's compact JSON. `"".join` of template text and values is `to_text(instance)`."""
-    if isinstance(instance, dict):
-        return [v for value in instance.values() for v in instance_values(value)]
-    if isinstance(instance, list):
-        return [v for value in instance for v in instance_values(value)]
-    text = to_text(instance)
-    return [text[1:-1]] if isinstance(instance, str) else [text]
+def prompt_text(schema: dict) -> str:
+    """The schema prompt: the compact schema text and `PROMPT_SEPARATOR`."""
+    return to_text(schema) + PROMPT_SEPARATOR
 
 
 def structured_pieces(schema: dict, instance: Any, schema_prompt: bool = True) -> list[str | None]:
-    """Template pieces of a row: the schema text and `PROMPT_SEPARATOR` (when `schema_prompt`), then the
-    instance's structure with a `GAP` at each value."""
-    prompt = [to_text(schema) + PROMPT_SEPARATOR] if schema_prompt else []
+    """Template pieces of a row: the schema prompt (when `schema_prompt`), then the instance's structure with a
+    `GAP` at each value."""
+    prompt = [prompt_text(schema)] if schema_prompt else []
     return merge_text([*prompt, *instance_template(instance)])
-
-
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Ids of `text` alone, without BOS or EOS."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def structured_feature(
@@ -66,7 +55,7 @@ def structured_feature(
             ids.append(token)
             anchors.append(True)
             continue
-        value = encode_text(tokenizer, next(values))
+        value = encode_piece(tokenizer, next(values))
         if gap_budget is not None:
             if len(value) > gap_budget:
                 return None
@@ -151,7 +140,7 @@ def structured_datasets(data_args, tokenizer, max_length: int) -> tuple[Any, Any
 
 __all__ = [
     "PROMPT_SEPARATOR",
-    "instance_values",
+    "prompt_text",
     "structured_pieces",
     "structured_feature",
     "read_rows",

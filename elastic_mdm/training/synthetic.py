@@ -23,13 +23,14 @@ elements to write, and their quotes and commas), so templates never fix an array
 from __future__ import annotations
 
 import datetime
-import json
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerFast
+
+from .json_templates import fill_template_with_anchors, json_template, template_ids, template_values, to_text
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN, UNK_TOKEN = "<s>", "</s>", "<pad>", "<mask>", "<unk>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN, UNK_TOKEN)  # ids 0..4, in this order
@@ -215,11 +216,6 @@ def sample_instance(schema: dict[str, Any], rng: random.Random, key: str = "") -
     raise ValueError(f"Unsupported schema type {kind!r} for property {key!r}.")
 
 
-def to_text(value: Any) -> str:
-    """Compact canonical JSON of `value` (no spaces, ASCII only, keys in insertion order)."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=True)
-
-
 def generate_records(num_records: int, seed: int = 0, schema_names: Sequence[str] | None = None) -> list[dict]:
     """`num_records` records `{"schema_name", "schema", "instance", "text"}`, each schema drawn uniformly.
 
@@ -238,28 +234,6 @@ def generate_records(num_records: int, seed: int = 0, schema_names: Sequence[str
 # ---------------------------------------------------------------------------------------------------------------
 # Validation and lengths
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def schema_validator(schema: dict[str, Any]) -> Any:
-    """A `jsonschema` validator for `schema` (dialect from `$schema`, 2020-12 by default) that checks formats."""
-    import jsonschema
-
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
-
-
-def _reject_constant(name: str) -> Any:
-    """Refuse `NaN`, `Infinity` and `-Infinity`, which Python's json accepts but JSON does not."""
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def validate_text(text: str, schema: dict[str, Any]) -> bool:
-    """True iff `text` parses as strict JSON and the value validates against `schema` (formats checked)."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, TypeError, RecursionError):  # JSONDecodeError is a ValueError
-        return False
-    return schema_validator(schema).is_valid(value)
 
 
 def record_length_distribution(tokenizer: PreTrainedTokenizerFast, records: Iterable[dict | str]) -> torch.Tensor:
@@ -321,125 +295,14 @@ def build_tokenizer(
     )
 
 
-def _encode_piece(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Ids of `text` alone, without BOS/EOS."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Templates (paper §5.4): structural tokens are anchors, every value is one open gap
+# Templates of the synthetic records (json_templates.py holds the general template algebra)
 # ---------------------------------------------------------------------------------------------------------------
-
-GAP = None  # a value slot in a template
-
-
-def json_template(schema: dict[str, Any] | str) -> list[str | None]:
-    """Pieces of the compact JSON of any instance of `schema` (or of `SCHEMAS[name]`): text, with `GAP` at values.
-
-    Keys, braces, colons and commas are text; the quotes of a string value are text around its gap; a number or
-    boolean value is one gap; an array is `[`, ONE gap for its whole content, `]`. Adjacent text pieces are
-    merged, so two gaps are never adjacent. The pieces tokenize like the record wherever string values are
-    non-empty (true of every generated record).
-    """
-    return merge_text(_template_parts(SCHEMAS[schema] if isinstance(schema, str) else schema))
-
-
-def _template_parts(schema: dict[str, Any]) -> list[str | None]:
-    """Unmerged template pieces of `schema` (see `json_template`)."""
-    if schema.get("type") == "object":
-        return _object_parts(schema["properties"].items(), _template_parts)
-    if schema.get("type") == "array":
-        return ["[", GAP, "]"]
-    if schema.get("type") == "string":
-        return ['"', GAP, '"']
-    return [GAP]
-
-
-def instance_template(instance: Any) -> list[str | None]:
-    """Pieces of the compact JSON of `instance` (`to_text`) with every scalar value an open gap (`GAP`): keys,
-    braces, brackets, colons, commas and the quotes of strings are text; a string's content, a number, a boolean or
-    null is one gap. Unlike `json_template`, arrays keep the instance's number of elements. Adjacent text pieces
-    are merged."""
-    return merge_text(_instance_parts(instance))
-
-
-def _instance_parts(instance: Any) -> list[str | None]:
-    """Unmerged template pieces of `instance` (see `instance_template`)."""
-    if isinstance(instance, dict):
-        return _object_parts(instance.items(), _instance_parts)
-    if isinstance(instance, list):
-        parts: list[str | None] = ["["]
-        for i, value in enumerate(instance):
-            parts += [","] * bool(i) + _instance_parts(value)
-        return [*parts, "]"]
-    return ['"', GAP, '"'] if isinstance(instance, str) else [GAP]
-
-
-def _object_parts(items: Iterable[tuple[str, Any]], parts_of: Callable[[Any], list]) -> list[str | None]:
-    """`{"key":<parts_of(value)>,...}` as unmerged pieces: the keys, colons, commas and braces are text."""
-    parts: list[str | None] = ["{"]
-    for i, (key, value) in enumerate(items):
-        parts += [("," if i else "") + to_text(key) + ":", *parts_of(value)]
-    return [*parts, "}"]
-
-
-def merge_text(parts: list[str | None]) -> list[str | None]:
-    """Concatenate consecutive text pieces."""
-    merged: list[str | None] = []
-    for part in parts:
-        if part is not GAP and merged and merged[-1] is not GAP:
-            merged[-1] += part
-        else:
-            merged.append(part)
-    return merged
-
-
-def template_values(schema: dict[str, Any], instance: Any) -> list[str]:
-    """Text of each gap of `json_template(schema)` for `instance`, in order (what a perfect model writes)."""
-    if schema.get("type") == "object":
-        return [v for name, sub in schema["properties"].items() for v in template_values(sub, instance[name])]
-    if schema.get("type") in ("array", "string"):
-        return [to_text(instance)[1:-1]]  # without the brackets or quotes, which are template text
-    return [to_text(instance)]
 
 
 def template_token_ids(tokenizer: PreTrainedTokenizerFast, schema_name: str) -> list[int]:
     """`template_ids` of the schema's template (`json_template`)."""
     return template_ids(tokenizer, json_template(SCHEMAS[schema_name]))
-
-
-def template_ids(tokenizer: PreTrainedTokenizerFast, pieces: Sequence[str | None]) -> list[int]:
-    """`BOS` + each text piece tokenized on its own (no special tokens) + `EOS`, with `tokenizer.mask_token_id` at
-    each `GAP`: the layout `generate(template_ids=...)` takes.
-
-    Each mask marks one open gap of variable length (`parse_template` removes it and opens the gap after the
-    token before it). Pieces are tokenized separately and concatenated, which matches how records tokenize.
-    """
-    ids = [tokenizer.bos_token_id]
-    for piece in pieces:
-        ids += [tokenizer.mask_token_id] if piece is GAP else _encode_piece(tokenizer, piece)
-    return [*ids, tokenizer.eos_token_id]
-
-
-def fill_template(tokenizer: PreTrainedTokenizerFast, template: Sequence[int], values: Sequence[str]) -> list[int]:
-    """Replace the i-th mask of `template` by the separately tokenized `values[i]`."""
-    return fill_template_with_anchors(tokenizer, template, values)[0]
-
-
-def fill_template_with_anchors(
-    tokenizer: PreTrainedTokenizerFast, template: Sequence[int], values: Sequence[str]
-) -> tuple[list[int], list[bool]]:
-    """`fill_template`, and for each token whether it is template text (an anchor) or part of a value."""
-    if sum(t == tokenizer.mask_token_id for t in template) != len(values):
-        raise ValueError("Give exactly one value per mask of the template.")
-    fills = iter(values)
-    ids: list[int] = []
-    anchors: list[bool] = []
-    for t in template:
-        piece = _encode_piece(tokenizer, next(fills)) if t == tokenizer.mask_token_id else [t]
-        ids += piece
-        anchors += [t != tokenizer.mask_token_id] * len(piece)
-    return ids, anchors
 
 
 def anchored_features(
@@ -482,20 +345,12 @@ __all__ = [
     "SCHEMAS",
     "SCHEMA_NAMES",
     "SPECIAL_TOKENS",
-    "GAP",
     "sample_instance",
-    "to_text",
     "generate_records",
-    "schema_validator",
-    "validate_text",
     "record_length_distribution",
     "build_tokenizer",
-    "json_template",
-    "instance_template",
-    "template_values",
     "template_token_ids",
-    "template_ids",
-    "fill_template",
+    "anchored_features",
     "synthetic_dataset",
     "as_hf_dataset",
 ]
