@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
+from ..modeling_elastic_mdm import IGNORE_INDEX
 from ..packing import PackedSequences, cu_seqlens_from_lengths
 from ..schedules import NoiseLevelSampler
 
-IGNORE_INDEX = -100
 TARGET_TOKENS = "num_target_tokens"  # batch key: n + 1 (interior tokens and EOS) per sequence, for bits per token
 
 
