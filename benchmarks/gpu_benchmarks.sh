@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H100 measurements of docs/benchmarks.md, in parts that each fit one 10-minute device call.
+# The H100 measurements of docs/benchmarks.md, in four parts of a few minutes each.
 #
 #   bash benchmarks/gpu_benchmarks.sh PART [OUT_DIR]      (OUT_DIR: default $OUT, else bench_out)
 #

@@ -253,6 +253,7 @@ def settings(args: EvaluationArguments, data_args: DataArguments) -> dict[str, A
         "num_samples": args.num_samples,
         "gen_ppl_model": args.gen_ppl_model or "none",
         "mdlm_gap_budget": args.mdlm_gap_budget,
+        "structured_schema_prompt": data_args.structured_schema_prompt,
         "seed": args.seed,
         "device": f"{args.device} ({machine})",
         "dtype": args.dtype,
