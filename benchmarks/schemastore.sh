@@ -3,7 +3,7 @@
 # hypothesis-jsonschema, split by schema; Elastic-MDM and MDLM trained on the same rows (schema prompt + anchored JSON
 # structure, configs/schemastore.yaml) at equal training wall time, then the validity of their fills of the held-out
 # schemas' templates.
-#   bash benchmarks/schemastore.sh [OUT_DIR]          (default outputs/schemastore; CPU, about 40 minutes on 2 cores)
+#   bash benchmarks/schemastore.sh [OUT_DIR]          (default outputs/schemastore; CPU, about an hour on 2 cores)
 # ELASTIC_STEPS / MDLM_STEPS set the two runs (defaults: equal wall time on a 2-core CPU, where an MDLM step on its
 # 512-token canvas costs ~1.8 Elastic steps); GAP_BUDGET the MDLM placeholders per value.
 set -euo pipefail
