@@ -147,7 +147,7 @@ def test_saved_checkpoint_reloads_with_remote_code_and_generates(tmp_path, token
     card = (tmp_path / "run" / "README.md").read_text()
     assert "elastic-mdm" in card and "eval_nelbo_bits_per_token" in card and "synthetic-json" in card
     assert "pipeline_tag: text-generation" in card and 'pipeline("text-generation"' in card
-    assert "model.generate(template_ids=[[bos, *piece('{\"name\":\"'), mask" in card  # the template example
+    assert 'model.generate(template_ids=[[bos, *piece(\'{"name":"\'), mask' in card  # the template example
     result = isolated_python(CHECKPOINT_SCRIPT, str(tmp_path / "run"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DECODED=" in result.stdout
