@@ -84,3 +84,19 @@ def isolated_python(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def synthetic_tokenizer():
+    """The built-in task's byte-level BPE on 200 records (the pipeline and lm-eval tests)."""
+    from elastic_mdm.training import synthetic
+
+    return synthetic.build_tokenizer(num_records=200)
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(synthetic_tokenizer):
+    """`helpers.tiny_model_for(synthetic_tokenizer)`: random, seed 0, eval mode; tests only read it."""
+    from helpers import tiny_model_for
+
+    return tiny_model_for(synthetic_tokenizer)

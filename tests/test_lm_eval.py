@@ -11,86 +11,84 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_model_for
-
-from elastic_mdm import ElasticMDMForDiffusionLM
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("jsonschema")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from elastic_mdm.integrations.lm_eval import ElasticMDMLM, conditional_nelbo_terms  # noqa: E402
-from elastic_mdm.training import synthetic  # noqa: E402
 from elastic_mdm.training.nelbo import ElasticNELBOCollator, elastic_nelbo_terms  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return synthetic.build_tokenizer(num_records=200)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> ElasticMDMForDiffusionLM:
-    return tiny_model_for(tokenizer)
-
-
 def request(kind: str, *args) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
 
-def collator(model, num_steps: int = 8) -> ElasticNELBOCollator:
-    c = model.config
+def collator(synthetic_model, num_steps: int = 8) -> ElasticNELBOCollator:
+    c = synthetic_model.config
     return ElasticNELBOCollator(c.mask_token_id, c.bos_token_id, c.eos_token_id, c.max_position_embeddings, seed=0,
                                 num_steps=num_steps)  # fmt: skip
 
 
 @torch.no_grad()
-def test_conditional_terms_are_the_nelbo_without_context_and_drop_closed_gaps(model, tokenizer) -> None:
+def test_conditional_terms_are_the_nelbo_without_context_and_drop_closed_gaps(
+    synthetic_model, synthetic_tokenizer
+) -> None:
     """BOS alone as context: the terms of `nelbo.elastic_nelbo_terms`. With a context, the gap terms between
     context tokens (closed gaps, never drawn by `generate`) are left out: each is >= 0, so the bound only drops."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    bos, eos = synthetic_tokenizer.bos_token_id, synthetic_tokenizer.eos_token_id
     plain = [{"input_ids": [bos, 20, 21, 22, 23, eos]}, {"input_ids": [bos, 30, eos]}]
-    batch = collator(model)(plain)
-    token, gap = elastic_nelbo_terms(model, batch)
+    batch = collator(synthetic_model)(plain)
+    token, gap = elastic_nelbo_terms(synthetic_model, batch)
     ones = torch.ones(4, dtype=torch.long)
-    assert torch.allclose(conditional_nelbo_terms(model, batch, ones), token + gap)
+    assert torch.allclose(conditional_nelbo_terms(synthetic_model, batch, ones), token + gap)
     anchored = [{"input_ids": [bos, 20, 21, 22, 23, eos], "anchor_mask": [1, 1, 1, 1, 0, 1]}]
-    batch = collator(model)(anchored)
-    token, gap = elastic_nelbo_terms(model, batch)
-    conditional = conditional_nelbo_terms(model, batch, torch.tensor([4, 4]))
+    batch = collator(synthetic_model)(anchored)
+    token, gap = elastic_nelbo_terms(synthetic_model, batch)
+    conditional = conditional_nelbo_terms(synthetic_model, batch, torch.tensor([4, 4]))
     assert (conditional <= token + gap + 1e-9).all()
     assert conditional[0] < (token + gap)[0]  # step 0: the closed gaps BOS-20, 20-21, 21-22 are left out
 
 
 @torch.no_grad()
-def test_loglikelihood_with_one_step_is_the_exact_log_probability(model, tokenizer) -> None:
+def test_loglikelihood_with_one_step_is_the_exact_log_probability(synthetic_model, synthetic_tokenizer) -> None:
     """K = 1: the bound is tight (step 0 draws the length, step 1 fills every mask): log p_φ(n | BOS ctx EOS) +
     Σ log p_θ(cont_i | BOS ctx [MASK]^n EOS), computed here by hand from the model's heads."""
-    lm = ElasticMDMLM(pretrained=model, tokenizer=tokenizer, device="cpu", mc_samples=3, nelbo_num_steps=1)
+    lm = ElasticMDMLM(
+        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", mc_samples=3, nelbo_num_steps=1
+    )
     context, cont = lm.split_pair('{"name": ', '"Ann"')
     ((value, greedy),) = lm.loglikelihood([request("loglikelihood", '{"name": ', '"Ann"')])
-    c = model.config
+    c = synthetic_model.config
     anchors = torch.tensor([c.bos_token_id, *context, c.eos_token_id])
-    out = model(anchors[None], attention_mask=torch.ones(1, anchors.numel()), output_hidden_states=True)
+    out = synthetic_model(anchors[None], attention_mask=torch.ones(1, anchors.numel()), output_hidden_states=True)
     hidden = out.hidden_states.reshape(-1, c.hidden_size)
-    gap = model.gap_logits(hidden, torch.tensor([len(context)]), torch.tensor([0.0])).float().log_softmax(-1)  # F(0)
+    gap = (
+        synthetic_model.gap_logits(hidden, torch.tensor([len(context)]), torch.tensor([0.0])).float().log_softmax(-1)
+    )  # F(0)
     masked = torch.tensor([c.bos_token_id, *context, *[c.mask_token_id] * len(cont), c.eos_token_id])
-    logits = model(masked[None], attention_mask=torch.ones(1, masked.numel())).logits[0].float().log_softmax(-1)
+    logits = (
+        synthetic_model(masked[None], attention_mask=torch.ones(1, masked.numel())).logits[0].float().log_softmax(-1)
+    )
     rows = torch.arange(len(context) + 1, len(context) + 1 + len(cont))
     exact = float(gap[0, len(cont)]) + float(logits[rows, torch.tensor(cont)].sum())
     assert value == pytest.approx(exact, abs=1e-4) and greedy is False
 
 
-def test_loglikelihood_is_a_seeded_monte_carlo_mean(model, tokenizer) -> None:
+def test_loglikelihood_is_a_seeded_monte_carlo_mean(synthetic_model, synthetic_tokenizer) -> None:
     requests = [request("loglikelihood", '{"a": ', "12"), request("loglikelihood", "", '{"b": 3}')]
-    lm = ElasticMDMLM(pretrained=model, tokenizer=tokenizer, device="cpu", mc_samples=4, nelbo_num_steps=8)
+    lm = ElasticMDMLM(
+        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", mc_samples=4, nelbo_num_steps=8
+    )
     first = lm.loglikelihood(requests)
     assert first == lm.loglikelihood(requests)  # the same noise every call
     assert all(value < 0 and math.isfinite(value) for value, _ in first)
-    single = ElasticMDMLM(pretrained=model, tokenizer=tokenizer, device="cpu", mc_samples=1, nelbo_num_steps=8)
+    single = ElasticMDMLM(
+        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", mc_samples=1, nelbo_num_steps=8
+    )
     pairs = [single.split_pair(*r.args) for r in requests]
     draws = torch.tensor(single.nelbo([pair for pair in pairs for _ in range(4)]))  # the same features, batches
     means = -draws.view(2, 4).mean(1)  # and noise stream as the mc_samples=4 run: its value is their mean
@@ -100,13 +98,17 @@ def test_loglikelihood_is_a_seeded_monte_carlo_mean(model, tokenizer) -> None:
     assert rolling == pytest.approx(alone)
 
 
-def test_generate_until_cuts_at_stop_strings(model, tokenizer) -> None:
-    lm = ElasticMDMLM(pretrained=model, tokenizer=tokenizer, device="cpu", num_steps=4, batch_size=2)
+def test_generate_until_cuts_at_stop_strings(synthetic_model, synthetic_tokenizer) -> None:
+    lm = ElasticMDMLM(
+        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", num_steps=4, batch_size=2
+    )
     gen = {"until": [","], "max_gen_toks": 12}
     requests = [request("generate_until", '{"a": ', gen) for _ in range(3)]
     texts = lm.generate_until(requests)
     assert len(texts) == 3 and all(isinstance(t, str) and "," not in t for t in texts)
-    again = ElasticMDMLM(pretrained=model, tokenizer=tokenizer, device="cpu", num_steps=4, batch_size=2)
+    again = ElasticMDMLM(
+        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", num_steps=4, batch_size=2
+    )
     assert again.generate_until(requests) == texts  # seeded
     with pytest.raises(ValueError, match="max_gen_toks"):
         lm.generate_until([request("generate_until", "{", {"max_gen_toks": 0})])
@@ -159,12 +161,14 @@ def task_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_harness_command_line_on_local_tasks(model, tokenizer, task_dir: Path, tmp_path: Path) -> None:
+def test_harness_command_line_on_local_tasks(
+    synthetic_model, synthetic_tokenizer, task_dir: Path, tmp_path: Path
+) -> None:
     """`python -m elastic_mdm.integrations.lm_eval --model elastic_mdm ...` (the harness's own command line with the
     model registered) runs a multiple-choice task (loglikelihood) and a generation task offline."""
     checkpoint = tmp_path / "tiny"
-    model.save_pretrained(checkpoint)
-    tokenizer.save_pretrained(checkpoint)
+    synthetic_model.save_pretrained(checkpoint)
+    synthetic_tokenizer.save_pretrained(checkpoint)
     output = tmp_path / "results"
     command = [
         sys.executable, "-m", "elastic_mdm.integrations.lm_eval", "--model", "elastic_mdm",

@@ -8,69 +8,64 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import tiny_model_for
 from transformers import pipeline
 
-from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline
 
 pytest.importorskip("jsonschema")
-from elastic_mdm.training import synthetic  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return synthetic.build_tokenizer(num_records=200)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> ElasticMDMForDiffusionLM:
-    return tiny_model_for(tokenizer)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(model, tokenizer, tmp_path_factory) -> Path:
+def checkpoint(synthetic_model, synthetic_tokenizer, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("pipeline") / "tiny"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    synthetic_model.save_pretrained(path)
+    synthetic_tokenizer.save_pretrained(path)
     return path
 
 
-def direct_new_texts(model, tokenizer, prompt: str, **kwargs) -> list[str]:
+def direct_new_texts(synthetic_model, synthetic_tokenizer, prompt: str, **kwargs) -> list[str]:
     """What `generate` writes after the prompt in each sample, decoded as the pipeline decodes it."""
-    ids = [tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
-    out = model.generate([ids], return_dict_in_generate=True, **kwargs)
+    ids = [synthetic_tokenizer.bos_token_id, *synthetic_tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    out = synthetic_model.generate([ids], return_dict_in_generate=True, **kwargs)
     rows = [seq[len(ids) : n] for seq, n in zip(out.sequences, out.lengths.tolist(), strict=True)]
-    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return synthetic_tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
-def test_pipeline_continues_a_prompt_as_generate_does(model, tokenizer) -> None:
+def test_pipeline_continues_a_prompt_as_generate_does(synthetic_model, synthetic_tokenizer) -> None:
     pipe = pipeline(
-        "text-generation", model=model, tokenizer=tokenizer, pipeline_class=ElasticMDMTextGenerationPipeline
+        "text-generation",
+        model=synthetic_model,
+        tokenizer=synthetic_tokenizer,
+        pipeline_class=ElasticMDMTextGenerationPipeline,
     )
     prompt = '{"name": "'
     result = pipe(prompt, num_steps=4, seed=0)
-    (expected,) = direct_new_texts(model, tokenizer, prompt, num_steps=4, seed=0)
+    (expected,) = direct_new_texts(synthetic_model, synthetic_tokenizer, prompt, num_steps=4, seed=0)
     assert result == [{"generated_text": prompt + expected}] and expected
     new = pipe(prompt, num_steps=4, seed=1, num_return_sequences=3, return_full_text=False)
     assert [row["generated_text"] for row in new] == direct_new_texts(
-        model, tokenizer, prompt, num_steps=4, seed=1, num_return_sequences=3
+        synthetic_model, synthetic_tokenizer, prompt, num_steps=4, seed=1, num_return_sequences=3
     )
 
 
-def test_batched_prompts_are_cut_at_their_own_prompt(model, tokenizer) -> None:
+def test_batched_prompts_are_cut_at_their_own_prompt(synthetic_model, synthetic_tokenizer) -> None:
     """Left-padded batches: each row's new text is what `generate` gives for that prompt alone (greedy everything,
     so the draws do not depend on the batch)."""
     pipe = pipeline(
-        "text-generation", model=model, tokenizer=tokenizer, pipeline_class=ElasticMDMTextGenerationPipeline
+        "text-generation",
+        model=synthetic_model,
+        tokenizer=synthetic_tokenizer,
+        pipeline_class=ElasticMDMTextGenerationPipeline,
     )
     prompts = ['{"a": ', '{"address": {"street": "']
     greedy = dict(num_steps=1, do_sample=False, gap_do_sample=False, max_new_tokens=6)
     batched = pipe(prompts, batch_size=2, return_full_text=False, **greedy)
     for prompt, rows in zip(prompts, batched, strict=True):
-        assert [row["generated_text"] for row in rows] == direct_new_texts(model, tokenizer, prompt, **greedy)
+        assert [row["generated_text"] for row in rows] == direct_new_texts(
+            synthetic_model, synthetic_tokenizer, prompt, **greedy
+        )
 
 
 def test_the_model_card_pipeline_is_registered_in_the_config(checkpoint: Path) -> None:
@@ -83,12 +78,12 @@ def test_the_model_card_pipeline_is_registered_in_the_config(checkpoint: Path) -
         pipeline("text-generation", model=str(checkpoint))
 
 
-def test_pipeline_refuses_other_models(tokenizer) -> None:
+def test_pipeline_refuses_other_models(synthetic_tokenizer) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    other = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2))
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=len(synthetic_tokenizer), n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="Elastic-MDM models only"):
-        ElasticMDMTextGenerationPipeline(model=other, tokenizer=tokenizer)
+        ElasticMDMTextGenerationPipeline(model=other, tokenizer=synthetic_tokenizer)
 
 
 REMOTE_PIPELINE = """
