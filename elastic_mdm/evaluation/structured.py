@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..training.json_templates import instance_template, json_template, merge_text, template_ids, validate_text
+from ..training.json_templates import instance_template, json_template, template_ids, validate_text
 from ..training.objectives import get_objective
-from ..training.schema_prompts import prompt_text
+from ..training.schema_prompts import prompt_text, with_schema_prompt
 from ..training.synthetic import SCHEMAS, template_token_ids
 from .samples import decode_samples
 
@@ -56,8 +56,8 @@ def load_structured_tasks(
                 continue
             row = json.loads(line)
             pieces = instance_template(row["instance"]) if "instance" in row else json_template(row["schema"])
+            ids = template_ids(tokenizer, with_schema_prompt(row["schema"], pieces, schema_prompt))
             prompt = prompt_text(row["schema"]) if schema_prompt else ""
-            ids = template_ids(tokenizer, merge_text([prompt, *pieces]) if prompt else pieces)
             tasks.append(StructuredTask(row.get("name", f"row{i}"), ids, row["schema"], prompt))
             if limit is not None and len(tasks) >= limit:
                 break

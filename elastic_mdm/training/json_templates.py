@@ -152,19 +152,37 @@ def fill_template(tokenizer: PreTrainedTokenizerFast, template: Sequence[int], v
     return fill_template_with_anchors(tokenizer, template, values)[0]
 
 
+class ValueTooLong(ValueError):
+    """A value has more tokens than the fixed gap budget it must fit (`fill_template_with_anchors(gap_budget=...)`)."""
+
+
 def fill_template_with_anchors(
-    tokenizer: PreTrainedTokenizerFast, template: Sequence[int], values: Sequence[str]
+    tokenizer: PreTrainedTokenizerFast,
+    template: Sequence[int],
+    values: Sequence[str],
+    gap_budget: int | None = None,
 ) -> tuple[list[int], list[bool]]:
-    """`fill_template`, and for each token whether it is template text (an anchor) or part of a value."""
+    """`fill_template`, and for each token whether it is template text (an anchor) or part of a value. With
+    `gap_budget`, every value is followed by pad tokens (EOS without a pad token) up to `gap_budget` tokens, the
+    fixed-canvas layout an MDLM template fill uses; a longer value raises `ValueTooLong`."""
     if sum(t == tokenizer.mask_token_id for t in template) != len(values):
         raise ValueError("Give exactly one value per mask of the template.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fills = iter(values)
     ids: list[int] = []
     anchors: list[bool] = []
     for t in template:
-        piece = encode_piece(tokenizer, next(fills)) if t == tokenizer.mask_token_id else [t]
+        if t != tokenizer.mask_token_id:
+            ids.append(t)
+            anchors.append(True)
+            continue
+        piece = encode_piece(tokenizer, next(fills))
+        if gap_budget is not None:
+            if len(piece) > gap_budget:
+                raise ValueTooLong(f"a value of {len(piece)} tokens does not fit gap_budget={gap_budget}")
+            piece += [pad] * (gap_budget - len(piece))
         ids += piece
-        anchors += [t != tokenizer.mask_token_id] * len(piece)
+        anchors += [False] * len(piece)
     return ids, anchors
 
 
@@ -182,4 +200,5 @@ __all__ = [
     "template_ids",
     "fill_template",
     "fill_template_with_anchors",
+    "ValueTooLong",
 ]

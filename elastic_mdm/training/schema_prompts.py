@@ -22,7 +22,15 @@ from typing import Any
 
 from transformers.utils import logging
 
-from .json_templates import encode_piece, instance_template, instance_values, merge_text, template_ids, to_text
+from .json_templates import (
+    ValueTooLong,
+    fill_template_with_anchors,
+    instance_template,
+    instance_values,
+    merge_text,
+    template_ids,
+    to_text,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -34,34 +42,28 @@ def prompt_text(schema: dict) -> str:
     return to_text(schema) + PROMPT_SEPARATOR
 
 
+def with_schema_prompt(schema: dict, pieces: list[str | None], schema_prompt: bool = True) -> list[str | None]:
+    """Template `pieces` with the schema prompt in front (when `schema_prompt`), merged into the first text piece."""
+    return merge_text([prompt_text(schema), *pieces]) if schema_prompt else pieces
+
+
 def structured_pieces(schema: dict, instance: Any, schema_prompt: bool = True) -> list[str | None]:
     """Template pieces of a row: the schema prompt (when `schema_prompt`), then the instance's structure with a
     `GAP` at each value."""
-    prompt = [prompt_text(schema)] if schema_prompt else []
-    return merge_text([*prompt, *instance_template(instance)])
+    return with_schema_prompt(schema, instance_template(instance), schema_prompt)
 
 
 def structured_feature(
     tokenizer, schema: dict, instance: Any, *, schema_prompt: bool = True, gap_budget: int | None = None
 ) -> dict[str, list] | None:
-    """`{"input_ids", "anchor_mask"}` of one row: template tokens are anchors, each value's tokens are not (padded to
-    `gap_budget` tokens with the pad token when given). None if a value is longer than `gap_budget` tokens."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids: list[int] = []
-    anchors: list[bool] = []
-    values = iter(instance_values(instance))
-    for token in template_ids(tokenizer, structured_pieces(schema, instance, schema_prompt)):
-        if token != tokenizer.mask_token_id:
-            ids.append(token)
-            anchors.append(True)
-            continue
-        value = encode_piece(tokenizer, next(values))
-        if gap_budget is not None:
-            if len(value) > gap_budget:
-                return None
-            value += [pad] * (gap_budget - len(value))
-        ids += value
-        anchors += [False] * len(value)
+    """`{"input_ids", "anchor_mask"}` of one row (`json_templates.fill_template_with_anchors`): template tokens are
+    anchors, each value's tokens are not (padded to `gap_budget` tokens when given). None if a value is longer than
+    `gap_budget` tokens."""
+    template = template_ids(tokenizer, structured_pieces(schema, instance, schema_prompt))
+    try:
+        ids, anchors = fill_template_with_anchors(tokenizer, template, instance_values(instance), gap_budget)
+    except ValueTooLong:
+        return None
     return {"input_ids": ids, "anchor_mask": anchors}
 
 
@@ -141,6 +143,7 @@ def structured_datasets(data_args, tokenizer, max_length: int) -> tuple[Any, Any
 __all__ = [
     "PROMPT_SEPARATOR",
     "prompt_text",
+    "with_schema_prompt",
     "structured_pieces",
     "structured_feature",
     "read_rows",
