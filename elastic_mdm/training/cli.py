@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. report: generated vs data lengths (and JSON validity on the built-in task)
     if report_args.report_num_samples and trainer.is_world_process_zero():
         metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
+
+    # 8. every rank leaves together: a rank that exits while rank 0 still writes or reports tears down its
+    # process group at interpreter exit, which aborts the run ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return metrics
 
 
