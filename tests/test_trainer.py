@@ -85,7 +85,8 @@ def test_losses_fall_on_builtin_task(tmp_path, tokenizer, records, objective: st
 
 
 def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
-    """Training 6 steps straight and resuming from the step-3 checkpoint give the same losses and weights."""
+    """Training 6 steps straight and resuming from the step-3 checkpoint give the same losses, weights and count of
+    encoded tokens."""
     train, _ = records
     common = dict(max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3)
     straight = ElasticMDMTrainer(
@@ -98,6 +99,7 @@ def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     assert logged(straight, "loss")[3:] == logged(resumed, "loss")[-3:]
     assert logged(straight, "token_loss")[3:] == logged(resumed, "token_loss")[-3:]
+    assert logged(straight, "tokens_encoded")[3:] == logged(resumed, "tokens_encoded")[-3:]  # the count resumes
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .arguments import ElasticMDMTrainingArguments
 from .collators import TARGET_TOKENS, PackingCollator
@@ -34,6 +35,40 @@ def make_collators(args: ElasticMDMTrainingArguments, config) -> tuple[PackingCo
         seed=args.seed + 1,
     )
     return train, evaluation
+
+
+class TokensEncoded(TrainerCallback, ExportableState):
+    """Positions the backbone encoded in training, summed over processes and over the whole run: the compute measure
+    for comparing objectives at equal cost (Elastic encodes only its active tokens, MDLM its whole canvas).
+
+    `total` (all processes, up to the last `fold`) is saved with every checkpoint in `TrainerState.stateful_callbacks`
+    and a resumed run continues from it; `pending` (this process, since the last fold) is a sum of batch shapes.
+    """
+
+    def __init__(self, total: int = 0) -> None:
+        self.total = total
+        self.pending = 0
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"total": self.total}}
+
+    def fold(self, device: torch.device) -> int:
+        """`total += Σ_processes pending`: one all-reduce, so every process calls it at the same step."""
+        pending = torch.tensor(self.pending, dtype=torch.int64, device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(pending)
+        self.total += int(pending)
+        self.pending = 0
+        return self.total
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        saved = state.stateful_callbacks.get(type(self).__name__, {}) if state.global_step else {}  # a resume's
+        self.total = saved.get("attributes", {}).get("total", 0)
+        self.pending = 0
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if control.should_save:  # the Trainer checkpoints after this step: its state gets the count so far
+            self.fold(args.device)
 
 
 class ElasticMDMTrainer(Trainer):
@@ -58,7 +93,7 @@ class ElasticMDMTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator or train_collator, **kwargs)
         self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._component_count = 0
-        self._tokens_encoded = 0  # positions the backbone encoded in training since this process started
+        self.add_callback(TokensEncoded())
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if PackingCollator.is_clean(inputs):  # deferred noise: drawn here, on the batch's device
@@ -68,16 +103,19 @@ class ElasticMDMTrainer(Trainer):
             for name in ("token_loss", "gap_loss"):
                 self._component_sums[name] += outputs[name].detach().float()
             self._component_count += 1
-            self._tokens_encoded += inputs["input_ids"].numel()  # a shape: no device read
+            self.tokens_encoded.pending += inputs["input_ids"].numel()  # a shape: no device read
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
+    @property
+    def tokens_encoded(self) -> TokensEncoded:
+        """The run's `TokensEncoded` counter (looked up: restoring callback states from a checkpoint replaces it)."""
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TokensEncoded))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the mean `token_loss` / `gap_loss` since the last log, and `tokens_encoded` (positions the backbone
-        encoded in training, all processes, since this process started: the compute measure for comparing objectives
-        at equal cost, since Elastic encodes only active tokens and MDLM its whole canvas), to the training logs."""
+        """Adds the mean `token_loss` / `gap_loss` since the last log, and `tokens_encoded` (see `TokensEncoded`), to
+        the training logs."""
         if "loss" in logs and self._component_count:
-            encoded = torch.tensor(float(self._tokens_encoded), device=self.args.device)
-            logs["tokens_encoded"] = int(self.accelerator.reduce(encoded, reduction="sum"))
+            logs["tokens_encoded"] = self.tokens_encoded.fold(self.args.device)
             for name, total in self._component_sums.items():
                 mean = self.accelerator.reduce(total, reduction="mean") / self._component_count
                 logs[name] = round(float(mean), 4)
@@ -210,6 +248,7 @@ def build_model_card(
 
 __all__ = [
     "ElasticMDMTrainer",
+    "TokensEncoded",
     "make_collators",
     "nelbo_metrics",
     "build_model_card",
