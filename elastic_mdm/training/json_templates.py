@@ -12,6 +12,7 @@ template and its values is the tokenized record, with the template tokens as anc
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -45,7 +46,14 @@ def validate_text(text: str, schema: dict[str, Any]) -> bool:
         value = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, TypeError, RecursionError):  # JSONDecodeError is a ValueError
         return False
-    return schema_validator(schema).is_valid(value)
+    return _validator_of(json.dumps(schema, sort_keys=True)).is_valid(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _validator_of(schema_text: str) -> Any:
+    """`schema_validator` of a schema given as JSON text, built once per schema (evaluation validates many samples
+    against each)."""
+    return schema_validator(json.loads(schema_text))
 
 
 def encode_piece(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
