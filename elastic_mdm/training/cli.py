@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
 
     # 8. every rank leaves together: a rank that exits while rank 0 still writes or reports tears down its
-    # process group at interpreter exit, which aborts the run ("terminate called without an active exception")
+    # process group at interpreter exit, which aborts the run ("terminate called without an active exception");
+    # the others wait for rank 0's report up to --ddp_timeout (30 minutes by default)
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
     return metrics
