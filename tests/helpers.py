@@ -120,7 +120,7 @@ class HostSyncRecorder:
         self.mode.__exit__(*exc)
 
 
-# Shared by the oracle tests of the two samplers (tests/test_generation.py, tests/test_generation_mdlm.py).
+# Shared by the oracle tests of the two samplers (tests/test_sampler_oracle.py, tests/test_generation_mdlm.py).
 
 SCHEDULE_PARAMS: dict[str, dict[str, float]] = {"clipped": dict(beta=0.2, omega=0.8)}
 
@@ -182,3 +182,28 @@ def save_checkpoint(folder: Path, **overrides) -> Path:
     ElasticMDMForDiffusionLM(tiny_config(**overrides)).save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
     return folder
+
+
+# Tiny random models for the generate() tests (tests/test_generation.py, tests/test_streaming.py).
+
+ANCHORS = (5, 6, 7, 8)  # ids the tame model never generates, so anchors can be found in the output
+
+
+@torch.no_grad()
+def random_model(tame: bool = True, seed: int = 0, **overrides) -> ElasticMDMForDiffusionLM:
+    """Tiny random model. `tame`: gap logits biased towards small counts (a geometric-like prior, so lengths vary
+    instead of always hitting the cap) and the special / anchor ids never generated as tokens."""
+    torch.manual_seed(seed)
+    model = ElasticMDMForDiffusionLM(tiny_config(**overrides)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    if tame:
+        classes = torch.arange(model.config.num_gap_classes, dtype=torch.float32)
+        model.gap_head.out_proj.bias.copy_(-1.0 * classes)
+        model.gap_head.out_proj.weight.mul_(0.1)
+        banned = [PAD, BOS, EOS, *ANCHORS]
+        if model.lm_head.bias is None:
+            model.lm_head.bias = torch.nn.Parameter(torch.zeros(VOCAB))
+        model.lm_head.bias[banned] = -1e4
+    return model
