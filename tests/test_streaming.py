@@ -7,13 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import (
-    BOS,
-    EOS,
-    MASK,
-    PAD,
-    random_model,
-)
+from helpers import BOS, EOS, MASK, PAD, random_model
 from transformers.generation.streamers import BaseStreamer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
