@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -129,12 +130,12 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         """The reveal schedule `F` named by `schedule`, with `schedule_kwargs`."""
         return get_schedule(self.schedule, **self.schedule_kwargs)
 
-    def token_processors(self) -> LogitsProcessorList:
+    def token_processors(self, device: torch.device | str = "cpu") -> LogitsProcessorList:
         """Transformers' logits processors: `suppress_tokens` and single-token `bad_words_ids` (banned tokens), then
-        the temperature, top-k and top-p warpers, in that order."""
+        the temperature, top-k and top-p warpers, in that order; their id tensors on `device` (the logits')."""
         processors = LogitsProcessorList()
         if self.suppress_tokens:
-            processors.append(SuppressTokensLogitsProcessor(self.suppress_tokens))
+            processors.append(SuppressTokensLogitsProcessor(self.suppress_tokens, device=device))
         if self.bad_words_ids:
             processors.append(NoBadWordsLogitsProcessor(self.bad_words_ids))
         if self.temperature is not None and self.temperature != 1.0:

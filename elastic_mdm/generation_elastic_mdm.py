@@ -111,7 +111,7 @@ class ElasticMDMGenerationMixin:
             max_length=max_length,
             num_steps=config.num_steps,
             schedule=config.reveal_schedule(),
-            token_processors=config.token_processors(),
+            token_processors=config.token_processors(self.device),
             do_sample=bool(config.do_sample),
             use_cache=bool(config.use_cache) and not self.config.time_conditioning,
             generator=generator,

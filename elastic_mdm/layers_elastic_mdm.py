@@ -219,7 +219,10 @@ class ElasticMDMGapHead(nn.Module):
         if self.time_embed is not None:
             if noise_level is None:
                 raise ValueError("This gap head is conditioned on the noise level (gap_noise_conditioning): pass it.")
-            level = torch.as_tensor(noise_level, dtype=torch.float32, device=left.device).reshape(-1)
+            if isinstance(noise_level, torch.Tensor):
+                level = noise_level.to(device=left.device, dtype=torch.float32).reshape(-1)  # [rows] or [1]
+            else:  # one level for every row, filled on the device (a host-to-device copy would stall the stream)
+                level = torch.full((1,), float(noise_level), dtype=torch.float32, device=left.device)
             cond = F.silu(self.time_embed(TIME_SCALE * level)).to(features.dtype)  # [rows or 1, cond]
             features = torch.cat([features, cond.expand(features.shape[0], -1)], dim=-1)
         return self.out_proj(F.gelu(self.dense(features), approximate="tanh"))

@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import torch
 
+from .sampler_loop_elastic_mdm import host_read
+from .sampling_state_elastic_mdm import per_sequence_sum
 from .schedules import sample_binomial
-
-
-def per_sequence_sum(values: torch.Tensor, owners: torch.Tensor, batch: int) -> torch.Tensor:
-    """`[B]` sums of `values` `[rows]` grouped by `owners` `[rows]`."""
-    return torch.zeros(batch, dtype=values.dtype, device=values.device).index_add_(0, owners, values)
 
 
 def draw_slots(
@@ -81,7 +78,7 @@ def locked_insertions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks to insert into every open gap `[open]` and the positions still to reveal afterwards `[B]`.
 
-    Reads the device once (the widest gap, which sizes the slot draw)."""
+    Reads the device once, through `host_read`: the widest gap, which sizes the slot draw."""
     slots = per_sequence_sum(gaps, owners, batch)  # [B]
     if remaining is None:
         remaining = slots
@@ -92,7 +89,7 @@ def locked_insertions(
         gaps = gaps + shortfall[owners] * pick_one_gap(weights, owners, batch, generator)
     else:
         totals = torch.minimum(totals, slots)
-    width = int(gaps.max()) if gaps.numel() else 0
+    (width,) = host_read(gaps.max()) if gaps.numel() else (0,)
     return draw_slots(gaps, owners, totals, width, generator), remaining - totals
 
 

@@ -21,7 +21,7 @@ from .sampler_loop_elastic_mdm import (
     rows_where,
     sample_categorical,
 )
-from .sampling_state_elastic_mdm import ActiveState, cap_insertions, insert_masks
+from .sampling_state_elastic_mdm import ActiveState, cap_insertions, insert_masks, per_sequence_sum
 from .schedules import sample_binomial
 
 
@@ -40,7 +40,7 @@ class Growth:
     @classmethod
     def of(cls, lengths: torch.Tensor, owners: torch.Tensor, counts: torch.Tensor, dirty: torch.Tensor) -> Growth:
         """`counts[i]` masks into the gap `i` of sequence `owners[i]`; one read."""
-        added = torch.zeros_like(lengths).index_add_(0, owners, counts)  # [B]
+        added = per_sequence_sum(counts, owners, lengths.numel())  # [B]
         grown, dirty = lengths + added, dirty | (added > 0)
         work, (inserted, longest) = PassWork.of(grown, dirty, counts.sum(), grown.max())
         return cls(grown, dirty, work, inserted, longest)

@@ -18,7 +18,7 @@ from .sampler_loop_elastic_mdm import (
     reveal_tables,
     rows_where,
 )
-from .sampling_state_elastic_mdm import ActiveState, insert_masks
+from .sampling_state_elastic_mdm import ActiveState, insert_masks, per_sequence_sum
 
 
 def sample_mdlm(
@@ -78,7 +78,7 @@ def sample_mdlm(
         mask_rows = rows_where(canvas.tokens == mask_token_id, num_masks)  # [M]
         revealed = reveal_draw(num_masks, reveal_share[k], options.generator, canvas.tokens.device)  # [M]
         if options.use_cache and hidden is not None:  # encode the changed canvases with a revealed position
-            needed = torch.zeros_like(canvas.lengths).index_add_(0, canvas.sequence_ids[mask_rows], revealed.long())
+            needed = per_sequence_sum(revealed.long(), canvas.sequence_ids[mask_rows], canvas.lengths.numel())
             stale = dirty & (needed > 0)
         else:
             stale = everything

@@ -18,6 +18,11 @@ Anchors = tuple[list[int], list[bool]]
 """One parsed input: its anchor tokens and, for each, whether the gap after it is open."""
 
 
+def per_sequence_sum(values: torch.Tensor, owners: torch.Tensor, batch: int) -> torch.Tensor:
+    """`[B]` sums of `values` `[rows]` grouped by `owners` `[rows]`."""
+    return torch.zeros(batch, dtype=values.dtype, device=values.device).index_add_(0, owners, values)
+
+
 @dataclass
 class ActiveState:
     """The packed active sequences: `tokens` `[T]`, `sequence_ids` `[T]` (sorted), `open_after` `[T]` (the gap
@@ -73,7 +78,7 @@ class ActiveState:
 
     def select(self, keep: torch.Tensor) -> ActiveState:
         """The state restricted to the rows flagged in `keep` `[T]` (order kept)."""
-        lengths = torch.zeros_like(self.lengths).index_add_(0, self.sequence_ids, keep.long())
+        lengths = per_sequence_sum(keep.long(), self.sequence_ids, self.lengths.numel())
         return ActiveState(self.tokens[keep], self.sequence_ids[keep], self.open_after[keep], lengths)
 
     def subset(self, rows: list[int]) -> ActiveState:
@@ -113,7 +118,7 @@ def insert_masks(
     tokens = torch.full((total,), mask_token_id, dtype=state.tokens.dtype, device=state.tokens.device)
     tokens[new_rows] = state.tokens
     if lengths is None:
-        lengths = state.lengths + torch.zeros_like(state.lengths).index_add_(0, state.sequence_ids, counts)
+        lengths = state.lengths + per_sequence_sum(counts, state.sequence_ids, state.lengths.numel())
     new_state = ActiveState(
         tokens=tokens,
         sequence_ids=state.sequence_ids.repeat_interleave(repeats, output_size=total),
@@ -137,7 +142,7 @@ def cap_insertions(
     )
     before = inclusive - counts - first[sequence_ids]  # insertions earlier in the same sequence
     capped = torch.minimum(counts, (budget[sequence_ids] - before).clamp_min(0))
-    clipped = torch.zeros_like(lengths).index_add_(0, sequence_ids, (capped < counts).long()) > 0
+    clipped = per_sequence_sum((capped < counts).long(), sequence_ids, lengths.numel()) > 0
     return capped, clipped
 
 

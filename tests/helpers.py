@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -57,8 +58,8 @@ class HostSyncRecorder:
     """Records the ops that read a device tensor back to the host (a stream sync on CUDA), seen on CPU through a
     `TorchDispatchMode`: `nonzero`, `.item()` / `int(t)` / `bool(t)`, boolean indexing, `masked_select`,
     `repeat_interleave` without `output_size`, `multinomial` (its validity check reads back). The sampler's own
-    reads go through `sampler_loop_elastic_mdm.host_read`, counted apart in `reads`. With `loop_only`, only what
-    runs inside the samplers' step loops (`step_range`) is recorded."""
+    reads go through `host_read` (patched in every module that imports it), counted apart in `reads`. With
+    `loop_only`, only what runs inside the samplers' step loops (`step_range`) is recorded."""
 
     def __init__(self, monkeypatch, loop_only: bool = False) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,7 +80,12 @@ class HostSyncRecorder:
             finally:
                 recorder._in_read = False
 
-        monkeypatch.setattr(generation, "host_read", counted_read)
+        for module in list(sys.modules.values()):  # every sampler module that imported `host_read`
+            if (
+                getattr(module, "__name__", "").startswith("elastic_mdm")
+                and getattr(module, "host_read", None) is plain_read
+            ):
+                monkeypatch.setattr(module, "host_read", counted_read)
         self.recording = not loop_only
         plain_range = generation.step_range
 

@@ -270,10 +270,12 @@ def test_step_cache_is_exact_and_saves_work(prompt: bool) -> None:
     assert cached.num_passes <= fresh.num_passes
 
 
+@pytest.mark.parametrize("lock_length", [False, True], ids=["paper", "locked"])
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
-def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool) -> None:
+def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool, lock_length: bool) -> None:
     """docs/design.md §8: no host-device sync inside the step loop but the one `host_read` after each insertion
-    (plus one before the loop); the model forward, the heads and the draws read nothing back."""
+    (plus one before the loop); the model forward, the heads and the draws read nothing back. The locked sampler
+    reads once more per growing step: the widest gap, which sizes its slot draw."""
     model = random_model(seed=2)
     state = model._initial_state(None, None, None, num_return_sequences=4)
     with HostSyncRecorder(monkeypatch) as recorder:
@@ -282,9 +284,9 @@ def test_step_loop_reads_the_device_once_per_step(monkeypatch, use_cache: bool) 
             token_processors=LogitsProcessorList(), max_length=MAX_POS, pad_token_id=PAD, use_cache=use_cache,
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
-        output = sample_elastic(model, state, options)
+        output = sample_elastic(model, state, options, lock_length=lock_length)
     assert recorder.syncs == []
-    assert recorder.reads == 1 + 16  # before the loop, then after the insertion of steps 0..K-1
+    assert recorder.reads == 1 + 16 * (2 if lock_length else 1)  # before the loop, then per step 0..K-1
     assert 1 <= output.num_passes <= 17
 
 
