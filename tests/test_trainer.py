@@ -104,6 +104,22 @@ def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
         assert torch.equal(a, b), name
 
 
+def test_tokens_encoded_resumes_from_a_checkpoint_between_logs(tmp_path, tokenizer, records) -> None:
+    """A checkpoint saved between two logs holds the count up to its step: the run resumed from step 3 logs the
+    same `tokens_encoded` at step 4 as the run that went straight through."""
+    train, _ = records
+    common = dict(max_steps=4, logging_steps=4, save_strategy="steps", save_steps=3)
+    straight = ElasticMDMTrainer(
+        model=tiny_model(tokenizer), args=arguments(tmp_path / "a", **common), train_dataset=train
+    )
+    straight.train()
+    resumed = ElasticMDMTrainer(
+        model=tiny_model(tokenizer, seed=123), args=arguments(tmp_path / "b", **common), train_dataset=train
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert logged(resumed, "tokens_encoded") == logged(straight, "tokens_encoded") != []
+
+
 def test_trainer_features_bf16_accumulation_checkpointing(tmp_path, tokenizer, records) -> None:
     """bf16 autocast, gradient accumulation and gradient checkpointing run together and log both terms."""
     train, held_out = records

@@ -41,8 +41,10 @@ class TokensEncoded(TrainerCallback, ExportableState):
     """Positions the backbone encoded in training, summed over processes and over the whole run: the compute measure
     for comparing objectives at equal cost (Elastic encodes only its active tokens, MDLM its whole canvas).
 
-    `total` (all processes, up to the last `fold`) is saved with every checkpoint in `TrainerState.stateful_callbacks`
-    and a resumed run continues from it; `pending` (this process, since the last fold) is a sum of batch shapes.
+    `total` (all processes, up to the last `fold`: each log and each checkpoint) is saved with every checkpoint in
+    `TrainerState.stateful_callbacks` and a resumed run continues from it; `pending` (this process, since the last
+    fold) is a sum of batch shapes. (Transformers' own `num_input_tokens_seen` cannot count it: it reads
+    `input_ids` before `compute_loss`, and a deferred-noise batch holds only the clean ids.)
     """
 
     def __init__(self, total: int = 0) -> None:
@@ -65,10 +67,6 @@ class TokensEncoded(TrainerCallback, ExportableState):
         saved = state.stateful_callbacks.get(type(self).__name__, {}) if state.global_step else {}  # a resume's
         self.total = saved.get("attributes", {}).get("total", 0)
         self.pending = 0
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        if control.should_save:  # the Trainer checkpoints after this step: its state gets the count so far
-            self.fold(args.device)
 
 
 class ElasticMDMTrainer(Trainer):
@@ -110,6 +108,12 @@ class ElasticMDMTrainer(Trainer):
     def tokens_encoded(self) -> TokensEncoded:
         """The run's `TokensEncoded` counter (looked up: restoring callback states from a checkpoint replaces it)."""
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, TokensEncoded))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Fold the encoded-token count first (every process saves a checkpoint, whatever the save strategy), so the
+        checkpoint's state holds the count up to this step."""
+        self.tokens_encoded.fold(self.args.device)
+        super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean `token_loss` / `gap_loss` since the last log, and `tokens_encoded` (see `TokensEncoded`), to
