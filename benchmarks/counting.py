@@ -53,8 +53,8 @@ class OpCounter(TorchDispatchMode):
 class CountingDenoiser:
     """Wraps a denoiser and logs every pass and head call (reads lengths back to the host: not for timed runs)."""
 
-    def __init__(self, inner=None):
-        self.inner, self.log = inner, PassLog()
+    def __init__(self):
+        self.inner, self.log = None, PassLog()
 
     def around(self, inner) -> CountingDenoiser:
         """Wrap `inner` (returns self: usable as `SamplingSetup.run`'s `wrap`)."""

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from elastic_mdm.evaluation.reports import markdown_table
-from elastic_mdm.schedules import RevealSchedule
 
 from .sampling import sampling_ratios
 
@@ -21,12 +20,6 @@ def machine_name(device: torch.device | str) -> str:
         return torch.cuda.get_device_name(device)
     processor = platform.processor() or platform.machine()
     return f"CPU {processor} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
-
-def expected_elastic_token_share(schedule: RevealSchedule, num_steps: int) -> float:
-    """`Σ_{k=0..K} F(k) / K`: tokens Elastic-MDM encodes without caching relative to MDLM's `K` full passes, for
-    full-length sequences (anchors and caching ignored); e.g. ~0.5 for linear (design §8)."""
-    return float(schedule.table(num_steps).sum()) / num_steps
 
 
 def markdown_summary(settings: dict[str, Any], sampling: list[dict], training: list[dict]) -> str:

@@ -188,10 +188,10 @@ def build(args: argparse.Namespace) -> dict[str, int]:
 def save_tokenizer(train_file: Path, folder: Path, vocab_size: int) -> None:
     """A byte-level BPE (`training.synthetic.build_tokenizer`) trained on the train rows' texts (the schema prompt
     followed by the instance), saved to `folder`: the validation schemas are never seen by it."""
-    from elastic_mdm.training.schema_prompts import PROMPT_SEPARATOR, read_rows
+    from elastic_mdm.training.schema_prompts import prompt_text, read_rows
     from elastic_mdm.training.synthetic import build_tokenizer
 
-    texts = [to_text(r["schema"]) + PROMPT_SEPARATOR + to_text(r["instance"]) for r in read_rows(train_file)]
+    texts = [prompt_text(r["schema"]) + to_text(r["instance"]) for r in read_rows(train_file)]
     build_tokenizer(texts, vocab_size=vocab_size).save_pretrained(folder)
 
 

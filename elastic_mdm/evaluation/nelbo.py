@@ -27,14 +27,11 @@ from torch.utils.data import DataLoader
 
 
 class SingleProcess:
-    """What `trainer.nelbo_metrics` needs of an `accelerate.Accelerator`, for one process: `autocast()` (to `dtype`
-    when given) and `reduce()` (the identity: one process holds every term)."""
-
-    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None):
-        self.device, self.dtype = torch.device(device), dtype
+    """What `trainer.nelbo_metrics` needs of an `accelerate.Accelerator`, for one process: `autocast()` (none: the
+    model runs in its own dtype) and `reduce()` (the identity: one process holds every term)."""
 
     def autocast(self) -> AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        return nullcontext()
 
     def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         return tensor
@@ -61,31 +58,21 @@ def nelbo_report(
     seed: int = 0,
     num_draws: int = 1,
     max_batches: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """The held-out NELBO of the K-step process (K = `num_steps`, `schedule`) as bits per token and perplexity bound,
     with the objective's evaluation collator and seeded noise (see the module docstring). With `num_draws > 1` the
     metrics average that many independent noise draws of the data (seeds `seed`, `seed + 1`, ...) and
     `nelbo_bits_per_token_se = std(bits) / √num_draws` is the standard error of the bits per token between draws."""
-    from ..training.arguments import ElasticMDMTrainingArguments
-    from ..training.trainer import make_collators, nelbo_metrics
+    from ..training.trainer import evaluation_collator, nelbo_metrics
 
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}.")
     draws = []
     for draw_seed in range(seed, seed + num_draws):
-        args = ElasticMDMTrainingArguments(
-            eval_num_steps=num_steps,
-            eval_schedule=schedule,
-            objective=model.config.objective,
-            seed=draw_seed,
-            use_cpu=model.device.type == "cpu",
-            report_to="none",
-        )
-        collator = make_collators(args, model.config)[1]
+        collator = evaluation_collator(model.config.objective, model.config, schedule, num_steps, draw_seed)
         batches = heldout_batches(dataset, collator, batch_size, model.device, max_batches)
         with torch.no_grad():
-            draws.append(nelbo_metrics(model, batches, args, SingleProcess(model.device, autocast_dtype)))
+            draws.append(nelbo_metrics(model, batches, model.config.objective, SingleProcess()))
     report = {key: sum(d[key] for d in draws) / num_draws for key in draws[0]}
     if num_draws > 1:
         bits = torch.tensor([d["nelbo_bits_per_token"] for d in draws], dtype=torch.float64)

@@ -246,9 +246,6 @@ class ModelArguments:
 
 
 NOT_SHAPE = ("model_name_or_path", "attn_implementation", "trust_remote_code")  # ModelArguments not in the config
-RESUME_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "mask_token_id", "block_type", "hidden_size",
-                 "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
-                 "time_conditioning", "cond_dim", "gap_head_type", "objective")  # fmt: skip
 
 
 @dataclass

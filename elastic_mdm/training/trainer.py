@@ -26,15 +26,13 @@ def make_collators(args: ElasticMDMTrainingArguments, config) -> tuple[PackingCo
     """Training and evaluation collators of the objective. Training noise is drawn at loss time on the device from
     the global RNG (checkpointed by the Trainer: exact resume); evaluation noise is seeded (the same every run)."""
     train = make_collator(args.objective, config, noise_sampler=args.noise_sampler(), defer_noise=True)
-    evaluation = make_collator(
-        args.objective,
-        config,
-        nelbo=True,
-        schedule=args.eval_schedule,
-        num_steps=args.eval_num_steps,
-        seed=args.seed + 1,
-    )
-    return train, evaluation
+    return train, evaluation_collator(args.objective, config, args.eval_schedule, args.eval_num_steps, args.seed)
+
+
+def evaluation_collator(objective: str, config, schedule: str, num_steps: int, seed: int) -> PackingCollator:
+    """The NELBO collator of the K-step process (`num_steps`, `schedule`) of a run seeded `seed`: its noise is
+    seeded with `seed + 1`, so a checkpoint's held-out NELBO is the same number in training and afterwards."""
+    return make_collator(objective, config, nelbo=True, schedule=schedule, num_steps=num_steps, seed=seed + 1)
 
 
 class TokensEncoded(TrainerCallback, ExportableState):
@@ -133,7 +131,7 @@ class ElasticMDMTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset.")
-        metrics = nelbo_metrics(self.model, self._eval_dataloader(dataset), self.args, self.accelerator)
+        metrics = nelbo_metrics(self.model, self._eval_dataloader(dataset), self.args.objective, self.accelerator)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -161,13 +159,13 @@ class ElasticMDMTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
 
-def nelbo_metrics(model, loader, args: ElasticMDMTrainingArguments, accelerator) -> dict[str, float]:
+def nelbo_metrics(model, loader, objective: str, accelerator) -> dict[str, float]:
     """Mean per-sequence step terms and the NELBO as bits per token and perplexity bound over `loader`.
 
     Elastic: `Σ_gaps l_0 + K · [token CE at step k + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence (`nelbo.py`);
     MDLM: its continuous-time bound `E_t[(1/t) Σ_masks CE]`. Both are divided by `n + 1` tokens per sequence."""
     model.eval()
-    sequence_nelbo = get_objective(args.objective).sequence_nelbo
+    sequence_nelbo = get_objective(objective).sequence_nelbo
     totals = defaultdict(float)
     for batch in loader:
         tokens = batch.pop(TARGET_TOKENS).float()  # [B] n + 1
@@ -254,6 +252,7 @@ __all__ = [
     "ElasticMDMTrainer",
     "TokensEncoded",
     "make_collators",
+    "evaluation_collator",
     "nelbo_metrics",
     "build_model_card",
 ]
