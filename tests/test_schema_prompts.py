@@ -144,6 +144,19 @@ def test_structured_datasets_follow_the_data_arguments(tokenizer, tmp_path) -> N
         DataArguments(structured_train_file=str(path), structured_gap_budget=0)
 
 
+def test_evaluate_holds_out_the_structured_eval_file(tokenizer, tmp_path) -> None:
+    """`scripts/evaluate.py --structured_eval_file F` measures NELBO, calibration and lengths on F's rows, featurized
+    as in training (not silently on no data)."""
+    from elastic_mdm.evaluation.cli import heldout_dataset
+    from elastic_mdm.training.arguments import DataArguments
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"schema": SCHEMA, "instance": INSTANCE}) + "\n")
+    args = DataArguments(structured_train_file=str(path), structured_eval_file=str(path), structured_schema_prompt=True)
+    (row,) = heldout_dataset(args, tokenizer, max_length=512, seed=0)
+    assert row == schema_prompts.structured_feature(tokenizer, SCHEMA, INSTANCE, schema_prompt=True)
+
+
 @pytest.mark.parametrize("schema_prompt", [True, False])
 def test_evaluation_templates_are_the_training_anchors(tokenizer, tmp_path, schema_prompt) -> None:
     """The template a structured task fills holds exactly the anchored tokens of the training feature of its row,

@@ -125,7 +125,13 @@ def parse_arguments(argv: list[str]) -> tuple[EvaluationArguments, DataArguments
 
 
 def heldout_dataset(data_args: DataArguments, tokenizer, max_length: int, seed: int):
-    """The tokenized held-out split (`None` without data); the train split is cut to one document."""
+    """The tokenized held-out split (`None` without data); the train split is cut to one document. With
+    `--structured_eval_file`, its `{schema, instance}` rows as the training run saw them (prompt and structure
+    anchored)."""
+    if data_args.structured_eval_file:
+        from ..training.schema_prompts import structured_dataset
+
+        return structured_dataset(data_args.structured_eval_file, data_args, tokenizer, max_length)
     if data_args.dataset_name is None and not data_args.train_files:
         return None
     quick = dataclasses.replace(data_args, max_train_samples=1, num_synthetic_records=1)

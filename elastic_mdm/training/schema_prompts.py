@@ -105,39 +105,37 @@ def structured_features(
 
 
 def structured_datasets(data_args, tokenizer, max_length: int) -> tuple[Any, Any]:
-    """`(train, eval)` `datasets.Dataset`s of `structured_features` of `data_args.structured_train_file` and
-    `structured_eval_file` (eval None without one). Rows that do not fit are left out with a warning that counts
-    them; a file with no row that fits is an error naming the flags to change."""
+    """`(train, eval)` `structured_dataset`s of `data_args.structured_train_file` and `structured_eval_file` (eval
+    None without one)."""
+    train, eval_ = data_args.structured_train_file, data_args.structured_eval_file
+    return (
+        structured_dataset(train, data_args, tokenizer, max_length),
+        structured_dataset(eval_, data_args, tokenizer, max_length) if eval_ else None,
+    )
+
+
+def structured_dataset(path: str, data_args, tokenizer, max_length: int) -> Any:
+    """A `datasets.Dataset` of the `structured_features` of the rows of `path`. Rows that do not fit are left out
+    with a warning that counts them; a file with no row that fits is an error naming the flags to change."""
     import datasets
 
-    splits = []
-    for path in (data_args.structured_train_file, data_args.structured_eval_file):
-        if path is None:
-            splits.append(None)
-            continue
-        features, left_out = structured_features(
-            tokenizer,
-            read_rows(path),
-            max_length=max_length,
-            schema_prompt=data_args.structured_schema_prompt,
-            gap_budget=data_args.structured_gap_budget,
+    budget = data_args.structured_gap_budget
+    features, left_out = structured_features(
+        tokenizer,
+        read_rows(path),
+        max_length=max_length,
+        schema_prompt=data_args.structured_schema_prompt,
+        gap_budget=budget,
+    )
+    if not features:
+        raise ValueError(
+            f"No row of {path} fits max_length={max_length} tokens"
+            + (f" with structured_gap_budget={budget}" if budget else "")
+            + "; raise max_position_embeddings or the budget."
         )
-        if not features:
-            raise ValueError(
-                f"No row of {path} fits max_length={max_length} tokens"
-                + (
-                    f" with structured_gap_budget={data_args.structured_gap_budget}"
-                    if data_args.structured_gap_budget
-                    else ""
-                )
-                + "; raise max_position_embeddings or the budget."
-            )
-        if left_out:
-            logger.warning(
-                f"{left_out} rows of {path} do not fit max_length={max_length} (or the gap budget); left out."
-            )
-        splits.append(datasets.Dataset.from_list(features))
-    return splits[0], splits[1]
+    if left_out:
+        logger.warning(f"{left_out} rows of {path} do not fit max_length={max_length} (or the gap budget); left out.")
+    return datasets.Dataset.from_list(features)
 
 
 __all__ = [
@@ -149,4 +147,5 @@ __all__ = [
     "read_rows",
     "structured_features",
     "structured_datasets",
+    "structured_dataset",
 ]
