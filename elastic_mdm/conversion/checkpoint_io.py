@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from transformers.modeling_utils import str_to_torch_dtype
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -26,19 +27,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "chat_template.jinja",
 )
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -61,7 +49,7 @@ class _SafetensorsFile:
 
     def info(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
         view = self.handle.get_slice(key)
-        return tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()]
+        return tuple(view.get_shape()), str_to_torch_dtype[view.get_dtype()]  # safetensors dtype names (Transformers)
 
     def load(self, key: str) -> torch.Tensor:
         return self.handle.get_tensor(key)
