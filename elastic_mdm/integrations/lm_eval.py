@@ -38,7 +38,7 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from ..loading.checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
+from ..loading.checkpoints import load_model_and_tokenizer
 from ..packing import PackedSequences
 from ..training.collators import IGNORE_INDEX, TARGET_TOKENS
 from ..training.nelbo import NELBO_KEYS, gap_nelbo_terms
@@ -104,8 +104,8 @@ class ElasticMDMLM(LM):
         super().__init__()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, str):
-            self.model = load_checkpoint(pretrained, device, getattr(torch, dtype), trust_remote_code)
-            tokenizer = tokenizer or load_checkpoint_tokenizer(local_or_hub(pretrained), trust_remote_code)
+            dtype = getattr(torch, dtype)
+            self.model, tokenizer = load_model_and_tokenizer(pretrained, device, dtype, trust_remote_code, tokenizer)
         else:
             self.model = pretrained.to(device).eval()
             if tokenizer is None:

@@ -125,6 +125,24 @@ def load_checkpoint_tokenizer(name: str, trust_remote_code: bool = False):
     return load_tokenizer(local_or_hub(name), trust_remote_code=trust_remote_code)
 
 
+def load_model_and_tokenizer(
+    name: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    tokenizer=None,
+    **kwargs: Any,
+):
+    """`(model, tokenizer)`: `load_checkpoint`, the checkpoint's own tokenizer unless `tokenizer` is given, and a
+    ValueError naming every way the two disagree (`check_vocab`)."""
+    from ..training.tokenizer import check_vocab
+
+    model = load_checkpoint(name, device, dtype, trust_remote_code, **kwargs)
+    tokenizer = tokenizer or load_checkpoint_tokenizer(name, trust_remote_code)
+    check_vocab(model.config, tokenizer)
+    return model, tokenizer
+
+
 def saved_tokenizer(path: str | None, trust_remote_code: bool = False):
     """The tokenizer saved in the local checkpoint folder `path`, or None (a Hub id, or a folder without one)."""
     if path is None or not Path(path).is_dir():
@@ -139,6 +157,7 @@ __all__ = [
     "looks_local",
     "load_checkpoint",
     "load_checkpoint_tokenizer",
+    "load_model_and_tokenizer",
     "saved_tokenizer",
     "check_model_type",
     "check_finite_weights",

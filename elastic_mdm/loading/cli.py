@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.tokenizer import check_vocab
-from .checkpoints import load_checkpoint, load_checkpoint_tokenizer, local_or_hub
+from .checkpoints import load_model_and_tokenizer
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
@@ -119,9 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_arguments(sys.argv[1:] if argv is None else argv)
     check_output_path(args.output, args.model)
     load = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
-    model = load_checkpoint(args.model, args.device, getattr(torch, args.dtype), args.trust_remote_code, **load)
-    tokenizer = load_checkpoint_tokenizer(local_or_hub(args.model), args.trust_remote_code)
-    check_vocab(model.config, tokenizer)
+    dtype = getattr(torch, args.dtype)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.device, dtype, args.trust_remote_code, **load)
     inputs = encode_inputs(args, tokenizer)
     streamer = None
     if args.stream:
