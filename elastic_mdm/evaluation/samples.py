@@ -55,8 +55,9 @@ def draw_samples(
         texts += batch_texts
         lengths.append(out.lengths.cpu())
         capped.append(out.hit_max_length.cpu())
-        generated_tokens += int(out.lengths.sum()) - 2 * count  # each sample starts from BOS EOS
-        passes += int(out.sequence_passes.sum())
+        batch_passes = int(out.sequence_passes.sum())
+        generated_tokens += out.tokens_per_forward * batch_passes  # the sampler's own count, pooled over batches
+        passes += batch_passes
     empty = torch.zeros(0, dtype=torch.long)
     return Samples(
         ids, torch.cat(lengths) if lengths else empty, texts, torch.cat(capped) if capped else empty.bool(),
