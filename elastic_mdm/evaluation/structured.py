@@ -125,7 +125,7 @@ def structured_validity(
         for _ in range(num_per_template):
             text = without_prompt(next(texts), task.prompt) if ok else None
             parsed.append(text is not None and validate_text(text, {}))  # the empty schema accepts any JSON value
-            valid.append(text is not None and validate_text(text, task.schema))
+            valid.append(parsed[-1] and validate_text(text, task.schema))  # only what parses is validated
             by_name[task.name].append(valid[-1])
     outputs = max(len(valid), 1)
     return {
