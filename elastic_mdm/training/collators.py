@@ -23,6 +23,8 @@ import torch
 
 from ..modeling_elastic_mdm import IGNORE_INDEX
 from ..packing import PackedSequences, cu_seqlens_from_lengths
+from ..sampler_loop_elastic_mdm import host_read, rows_where
+from ..sampling_state_elastic_mdm import per_sequence_sum
 from ..schedules import NoiseLevelSampler
 
 TARGET_TOKENS = "num_target_tokens"  # batch key: n + 1 (interior tokens and EOS) per sequence, for bits per token
@@ -52,10 +54,10 @@ def corrupt_packed(
     mask = active & ~clean
     removed_before = (~active).long().cumsum(0)  # [N] removed positions up to and including i
 
-    keep = active.nonzero().squeeze(-1)  # [T] source row of each active token
-    kept_sequences = sequence_ids[keep]
+    lengths = per_sequence_sum(active.long(), sequence_ids, active_share.numel())  # [B] active tokens
+    num_active, longest = host_read(lengths.sum(), lengths.max())  # the one device read of the forward process
+    keep = rows_where(active, num_active)  # [T] source row of each active token
     gaps = removed_before[keep].diff(append=removed_before[keep][-1:])  # removed between kept j and kept j+1
-    lengths = torch.zeros_like(active_share, dtype=torch.long).index_add_(0, kept_sequences, torch.ones_like(keep))
     cu_seqlens = cu_seqlens_from_lengths(lengths)
     last = cu_seqlens[1:].long() - 1
     gaps[last] = IGNORE_INDEX  # last token of a sequence has no right neighbour
@@ -65,7 +67,7 @@ def corrupt_packed(
         "labels": tokens.masked_fill(~mask, IGNORE_INDEX)[keep],
         "gap_labels": gaps,
         "cu_seqlens": cu_seqlens,
-        "max_seqlen": int(lengths.max()),
+        "max_seqlen": longest,
         "noise_level": active_share.float(),
     }
     if next_share is not None:
