@@ -52,14 +52,18 @@ def make_norm(config: ElasticMDMConfig) -> ElasticMDMNorm:
     return norm(config.hidden_size, eps=config.norm_eps)
 
 
+def rope_inv_freq(config: ElasticMDMConfig) -> torch.Tensor:
+    """`[head_dim / 2]` RoPE frequencies `θ^(-2i/d)` in fp32."""
+    dim = config.head_dim
+    return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
 class ElasticMDMRotaryEmbedding(nn.Module):
     """RoPE (rotate-half convention): `cos`, `sin` of `position * θ^(-2i/d)` in fp32, `[tokens, head_dim]`."""
 
     def __init__(self, config: ElasticMDMConfig):
         super().__init__()
-        dim = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim / 2]

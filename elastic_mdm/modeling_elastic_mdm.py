@@ -33,6 +33,7 @@ from .layers_elastic_mdm import (
     make_norm,
     modulate,
     per_token,
+    rope_inv_freq,
 )
 from .packing import PackedSequences, pack_padded, unpack_to_padded
 from .pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline  # noqa: F401  (saved with the checkpoint)
@@ -65,9 +66,7 @@ class ElasticMDMPreTrainedModel(PreTrainedModel):
         if isinstance(module, ElasticMDMNorm):
             init.ones_(module.weight)
         elif isinstance(module, ElasticMDMRotaryEmbedding):
-            dim = self.config.head_dim
-            exponent = torch.arange(0, dim, 2, dtype=torch.float32) / dim
-            init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponent))
+            init.copy_(module.inv_freq, rope_inv_freq(self.config))
 
 
 class ElasticMDMModel(ElasticMDMPreTrainedModel):
