@@ -210,11 +210,6 @@ class SamplingLoop:
         """The step indices `0 .. count - 1` (in a tqdm bar with `progress_bar`)."""
         return step_range(count, desc, self.options.progress_bar)
 
-    @staticmethod
-    def read(*values: torch.Tensor) -> list[int]:
-        """`host_read`: integer scalars copied to the host at once."""
-        return host_read(*values)
-
     def record(self, state: ActiveState) -> None:
         """Keep the state fed to a step (the final state last) with `output_trajectory`."""
         if self.options.output_trajectory:

@@ -15,6 +15,7 @@ from .sampler_loop_elastic_mdm import (
     SamplerOptions,
     SamplingLoop,
     TokenDenoiser,
+    host_read,
     reveal_tables,
     rows_where,
 )
@@ -71,7 +72,7 @@ def sample_mdlm(
     everything = torch.ones(canvas.lengths.numel(), dtype=torch.bool, device=canvas.tokens.device)
     dirty = everything  # [B] canvas changed since its last pass
     loop = SamplingLoop(denoiser, options, canvas.lengths.numel(), canvas.tokens.device)
-    (num_masks,) = loop.read(generated.sum())
+    (num_masks,) = host_read(generated.sum())
     hidden = None
     for k in loop.steps(options.num_steps, "mdlm"):
         loop.record(canvas)
