@@ -84,11 +84,9 @@ def test_losses_fall_on_builtin_task(tmp_path, tokenizer, records, objective: st
     assert trainer.model.config.objective == objective
 
 
-def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
-    """Training 6 steps straight and resuming from the step-3 checkpoint give the same losses, weights and count of
-    encoded tokens."""
-    train, _ = records
-    common = dict(max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3)
+def straight_and_resumed(tmp_path, tokenizer, train, **overrides) -> tuple[ElasticMDMTrainer, ElasticMDMTrainer]:
+    """A run straight through (checkpoint every 3 steps) and a run from another init resumed from its step 3."""
+    common = dict(save_strategy="steps", save_steps=3, **overrides)
     straight = ElasticMDMTrainer(
         model=tiny_model(tokenizer), args=arguments(tmp_path / "a", **common), train_dataset=train
     )
@@ -97,6 +95,13 @@ def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
         model=tiny_model(tokenizer, seed=123), args=arguments(tmp_path / "b", **common), train_dataset=train
     )
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    return straight, resumed
+
+
+def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
+    """Training 6 steps straight and resuming from the step-3 checkpoint give the same losses, weights and count of
+    encoded tokens."""
+    straight, resumed = straight_and_resumed(tmp_path, tokenizer, records[0], max_steps=6, logging_steps=1)
     assert logged(straight, "loss")[3:] == logged(resumed, "loss")[-3:]
     assert logged(straight, "token_loss")[3:] == logged(resumed, "token_loss")[-3:]
     assert logged(straight, "tokens_encoded")[3:] == logged(resumed, "tokens_encoded")[-3:]  # the count resumes
@@ -107,16 +112,7 @@ def test_resume_continues_identically(tmp_path, tokenizer, records) -> None:
 def test_tokens_encoded_resumes_from_a_checkpoint_between_logs(tmp_path, tokenizer, records) -> None:
     """A checkpoint saved between two logs holds the count up to its step: the run resumed from step 3 logs the
     same `tokens_encoded` at step 4 as the run that went straight through."""
-    train, _ = records
-    common = dict(max_steps=4, logging_steps=4, save_strategy="steps", save_steps=3)
-    straight = ElasticMDMTrainer(
-        model=tiny_model(tokenizer), args=arguments(tmp_path / "a", **common), train_dataset=train
-    )
-    straight.train()
-    resumed = ElasticMDMTrainer(
-        model=tiny_model(tokenizer, seed=123), args=arguments(tmp_path / "b", **common), train_dataset=train
-    )
-    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    straight, resumed = straight_and_resumed(tmp_path, tokenizer, records[0], max_steps=4, logging_steps=4)
     assert logged(resumed, "tokens_encoded") == logged(straight, "tokens_encoded") != []
 
 
