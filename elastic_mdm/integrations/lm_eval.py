@@ -39,9 +39,8 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..loading.checkpoints import load_model_and_tokenizer
-from ..packing import PackedSequences
-from ..training.collators import IGNORE_INDEX, TARGET_TOKENS
-from ..training.nelbo import NELBO_KEYS, gap_nelbo_terms
+from ..training.collators import TARGET_TOKENS
+from ..training.nelbo import elastic_nelbo_terms
 from ..training.objectives import get_objective, make_collator
 
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
@@ -52,19 +51,9 @@ def conditional_nelbo_terms(model, batch: dict, context_lengths: torch.Tensor) -
     sequences start with `context_lengths` `[2B]` anchors (BOS and the context): the token CE of the masks plus the
     gap terms `l_k(g, m)` (`nelbo.gap_nelbo_terms`) of the open gaps only. The gaps between two context tokens are
     closed, as in `generate(input_ids=...)`, which never draws them: they are left out of the bound (docs/design.md
-    §2b, §5). With `context_lengths` all 1 (BOS alone) this is `nelbo.elastic_nelbo_terms`."""
-    inputs = {k: v for k, v in batch.items() if k not in NELBO_KEYS and k != "gap_labels"}
-    out = model(**inputs, loss_reduction="sequence", output_hidden_states=True, return_logits=False)
-    cu = batch["cu_seqlens"]
-    packed = PackedSequences.from_cu_seqlens(cu, batch["max_seqlen"], batch["input_ids"].numel())
-    positions = torch.arange(packed.sequence_ids.numel(), device=cu.device) - cu[:-1].long()[packed.sequence_ids]
-    gaps = batch["gap_labels"]
-    opened = positions >= context_lengths.to(cu.device)[packed.sequence_ids] - 1  # the context's last token onwards
-    rows = ((gaps != IGNORE_INDEX) & ~packed.last_token_mask() & opened).nonzero().squeeze(-1)
-    sequences = packed.sequence_ids[rows]
-    log_probs = model.gap_logits(out.hidden_states, rows, batch["noise_level"][sequences]).float().log_softmax(-1)
-    terms = gap_nelbo_terms(log_probs, gaps[rows], batch["gap_reveals"][rows], batch["reveal_prob"][sequences])
-    return out.token_loss.double() + terms.new_zeros(cu.numel() - 1).index_add(0, sequences, terms)
+    §2b, §5; `nelbo.elastic_nelbo_terms` with `context_lengths`)."""
+    token, gap = elastic_nelbo_terms(model, batch, context_lengths)
+    return token + gap
 
 
 @register_model("elastic_mdm")

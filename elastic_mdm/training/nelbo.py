@@ -107,16 +107,25 @@ class ElasticNELBOCollator(PackingCollator):
 NELBO_KEYS = ("gap_reveals", "reveal_prob", "nelbo_weight", TARGET_TOKENS)
 
 
-def elastic_nelbo_terms(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def elastic_nelbo_terms(
+    model, batch: dict, context_lengths: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence step terms `[B]` (nats) of one `ElasticNELBOCollator` batch: the token CE of the masks and
-    `Σ_gaps l_k(g, m)`. The NELBO estimate is `Σ nelbo_weight · (token + gap)` over the copies of a sequence."""
+    `Σ_gaps l_k(g, m)`. The NELBO estimate is `Σ nelbo_weight · (token + gap)` over the copies of a sequence.
+
+    With `context_lengths` `[B]` (sequences that start with that many anchors: BOS and a context), the gaps between
+    two context tokens are closed, as in `generate(input_ids=...)`, which never draws them: they are left out of the
+    bound (docs/design.md §2b, §5); all 1 (BOS alone) changes nothing."""
     inputs = {k: v for k, v in batch.items() if k not in NELBO_KEYS and k != "gap_labels"}
     out = model(**inputs, loss_reduction="sequence", output_hidden_states=True, return_logits=False)
     hidden = out.hidden_states  # [T, d]
     cu = batch["cu_seqlens"]
     packed = PackedSequences.from_cu_seqlens(cu, batch["max_seqlen"], batch["input_ids"].numel())
     gaps = batch["gap_labels"]
-    rows = ((gaps != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)  # [pairs]
+    supervised = (gaps != IGNORE_INDEX) & ~packed.last_token_mask()  # [T]
+    if context_lengths is not None:  # open gaps only: from the context's last token onwards
+        supervised &= packed.position_ids >= context_lengths.to(cu.device)[packed.sequence_ids] - 1
+    rows = supervised.nonzero().squeeze(-1)  # [pairs]
     sequences = packed.sequence_ids[rows]
     levels = batch["noise_level"][sequences]
     log_probs = model.gap_logits(hidden, rows, levels).float().log_softmax(-1)  # [pairs, G + 1]
