@@ -1,12 +1,14 @@
 """Attention backends over a packed stream (`q`, `k`, `v` `[tokens, heads, head_dim]`, `PackedSequences` bounds).
 
 `ATTENTION_FUNCTIONS` maps the config's `attn_implementation` to one: `eager` (fp32 reference), `sdpa` (padded with a
-key-padding mask; CPU and any dtype), `varlen_attn` (torch >= 2.10 on CUDA) and `flash_attention_2` (flash-attn).
-Attention is bidirectional and never crosses a sequence boundary (docs/design.md §2).
+key-padding mask; CPU and any dtype), `varlen_attn` (torch >= 2.10 on CUDA), `flash_attention_2` (flash-attn), and the
+flash kernels Transformers loads itself (`flash_attention_3`, the Hub kernels it substitutes when flash-attn is absent);
+`attention_function` refuses any other name. Attention is bidirectional and never crosses a sequence boundary (docs/design.md §2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,6 +29,13 @@ except ImportError:  # pragma: no cover - depends on torch
 VARLEN_ATTN = "varlen_attn"  # attn_implementation name of torch.nn.attention.varlen.varlen_attn
 
 
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context that turns autocast off on `device` (a no-op where autocast does not exist, e.g. `meta`)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _padded_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedSequences, eager: bool
 ) -> torch.Tensor:
@@ -42,9 +51,10 @@ def _padded_attention(
     key_mask = valid[:, None, None, :]  # [B, 1, 1, L]
     qp, kp, vp = to_padded(q), to_padded(k), to_padded(v)
     if eager:
-        scores = (qp.float() @ kp.float().transpose(-1, -2)) / math.sqrt(dim)  # [B, H, L, L]
-        scores = scores.masked_fill(~key_mask, float("-inf"))
-        out = (scores.softmax(-1) @ vp.float()).to(q.dtype)
+        with without_autocast(q.device):  # the fp32 reference stays fp32 under bf16 autocast
+            scores = (qp.float() @ kp.float().transpose(-1, -2)) / math.sqrt(dim)  # [B, H, L, L]
+            scores = scores.masked_fill(~key_mask, float("-inf"))
+            out = (scores.softmax(-1) @ vp.float()).to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=key_mask)
     return out.transpose(1, 2).reshape(batch * length, heads, dim)[index]
@@ -88,12 +98,55 @@ def flash_attention_2(q, k, v, packed: PackedSequences) -> torch.Tensor:
     return half_precision(flash_attn_varlen_func, q, k, v, cu, cu, length, length, causal=False)
 
 
+# What Transformers resolves a flash request to when it loads the kernel itself: `flash_attention_3` (the
+# flash_attn_interface package) and, with flash-attn absent and `kernels` installed (Transformers >= 5.24), the Hub
+# kernels it substitutes for `flash_attention_2` / `flash_attention_3`. Each exposes a varlen function.
+TRANSFORMERS_FLASH_KERNELS = (
+    "flash_attention_3",
+    "kernels-community/flash-attn2",
+    "kernels-community/flash-attn3",
+    "kernels-community/vllm-flash-attn3",
+)
+
+
+def transformers_flash_attention(name: str):
+    """Packed attention through the varlen function Transformers loads for `name` (a flash package or Hub kernel)."""
+
+    def attention(q, k, v, packed: PackedSequences) -> torch.Tensor:
+        from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
+        (_, varlen, *_), _ = lazy_import_flash_attention(name)
+
+        def output_only(*args, **kwargs) -> torch.Tensor:  # some kernels return (out, softmax_lse)
+            out = varlen(*args, **kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        cu, length = packed.cu_seqlens, packed.max_seqlen
+        kwargs = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=length, max_seqlen_k=length, causal=False)
+        return half_precision(output_only, q, k, v, **kwargs)
+
+    return attention
+
+
 ATTENTION_FUNCTIONS = {
     "eager": eager_attention,
     "sdpa": sdpa_attention,
     VARLEN_ATTN: torch_varlen_attention,
     "flash_attention_2": flash_attention_2,
+    **{name: transformers_flash_attention(name) for name in TRANSFORMERS_FLASH_KERNELS},
 }
+
+
+def attention_function(name: str | None):
+    """The packed attention of `attn_implementation` `name` (None: `sdpa`); any other name is refused."""
+    function = ATTENTION_FUNCTIONS.get(name or "sdpa")
+    if function is None:
+        raise ValueError(
+            f"attn_implementation={name!r} has no packed (varlen) kernel in Elastic-MDM; choose one of "
+            f"{sorted(ATTENTION_FUNCTIONS)} (flash_attention_2 needs `pip install flash-attn`, or the `kernels` "
+            "package, with which Transformers loads kernels-community/flash-attn2)."
+        )
+    return function
 
 
 def _register_varlen_attn_name() -> None:
@@ -114,4 +167,4 @@ def _register_varlen_attn_name() -> None:
 _register_varlen_attn_name()
 
 
-__all__ = ["ATTENTION_FUNCTIONS", "VARLEN_ATTN"]
+__all__ = ["ATTENTION_FUNCTIONS", "VARLEN_ATTN", "attention_function"]

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .attention_elastic_mdm import ATTENTION_FUNCTIONS
+from .attention_elastic_mdm import attention_function
 from .configuration_elastic_mdm import ElasticMDMConfig
 from .packing import PackedSequences
 
@@ -63,7 +63,16 @@ class ElasticMDMRotaryEmbedding(nn.Module):
 
     def __init__(self, config: ElasticMDMConfig):
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move the frequencies with the module but keep them fp32: `model.to(torch.bfloat16)` (what DeepSpeed's bf16
+        engine does) would otherwise round `θ^(-2i/d)` to bf16, i.e. ~0.2 rad of angle at position 1024."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids.float()[:, None] * self.inv_freq[None, :]  # [tokens, head_dim / 2]
@@ -122,6 +131,7 @@ class ElasticMDMAttention(nn.Module):
     def __init__(self, config: ElasticMDMConfig):
         super().__init__()
         self.config = config
+        attention_function(config._attn_implementation)  # an attention without a packed kernel is refused here
         d = config.hidden_size
         if config.block_type == "dit":
             self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
@@ -138,7 +148,7 @@ class ElasticMDMAttention(nn.Module):
         else:
             q, k, v = (proj(x).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        attention = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
+        attention = attention_function(self.config._attn_implementation)
         return self.o_proj(attention(q, k, v, packed).reshape(x.shape))
 
 
