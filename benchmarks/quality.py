@@ -39,7 +39,7 @@ def sampler_scores(model, tokenizer, data_lengths, extra: dict, num_samples: int
     rows = length_sweep(model, tokenizer, data_lengths, num_samples=num_samples, steps=steps, schedules=["linear"],
                         **extra)  # fmt: skip
     out = {f"K{r['K']}": {k: r[k] for k in ("mean", "tv", "w1", "ks", "capped")} for r in rows}
-    samples = draw_samples(model, tokenizer, num_samples, generator=torch.Generator().manual_seed(0),
+    samples = draw_samples(model, tokenizer, num_samples, generator=torch.Generator(device=model.device).manual_seed(0),
                            num_steps=steps[-1], **extra)  # fmt: skip
     out["uncond_json"] = round(json_validity(samples.texts, list(SCHEMAS.values())), 4)
     budget = {"mdlm_gap_budget": 16} if get_objective(model.config.objective).fixed_canvas else {}
@@ -48,7 +48,7 @@ def sampler_scores(model, tokenizer, data_lengths, extra: dict, num_samples: int
         tokenizer,
         builtin_structured_tasks(tokenizer),
         num_per_template=32,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator(device=model.device).manual_seed(0),
         num_steps=steps[-1],
         **extra,
         **budget,

@@ -15,13 +15,26 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from .cuda_graphs import CUDAGraphDenoiser
+from .cuda_graphs import CUDAGraphDenoiser, model_graph_denoiser
 from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from .sampler_elastic_mdm import sample_elastic
 from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions, merge_outputs, tokens_per_forward
 from .sampler_mdlm_elastic_mdm import sample_mdlm
 from .sampling_state_elastic_mdm import ActiveState
 from .streaming_elastic_mdm import DraftStream, check_streamer
+
+
+def check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
+    """Every draw runs on the model's device, so a `generator` must live there (a CPU generator cannot drive a CUDA
+    draw)."""
+    if generator is None:
+        return
+    where = generator.device
+    if where.type != device.type or None not in (where.index, device.index) and where.index != device.index:
+        raise ValueError(
+            f"generator is on {where} but the model is on {device}: pass torch.Generator(device={str(device)!r})"
+            ".manual_seed(...), or seed=..., which builds one on the model's device."
+        )
 
 
 class ElasticMDMGenerationMixin:
@@ -98,6 +111,7 @@ class ElasticMDMGenerationMixin:
         max_length = self._generation_max_length(config)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        check_generator_device(generator, self.device)
         state = self._initial_state(input_ids, attention_mask, template_ids, config.num_return_sequences)
         input_lengths = state.lengths.tolist()
         if max(input_lengths) > max_length:
@@ -167,18 +181,8 @@ class ElasticMDMGenerationMixin:
         return config
 
     def _cuda_graph_denoiser(self, pad_token_id: int) -> CUDAGraphDenoiser:
-        """The model's graph cache, kept across calls; rebuilt when the weights moved (dtype or device change)."""
-        if self.device.type != "cuda":
-            raise ValueError(
-                f"cuda_graphs=True needs the model on a CUDA device (it is on {self.device}); move it with "
-                "model.to('cuda') or drop cuda_graphs."
-            )
-        weights = next(self.parameters())
-        key = (weights.data_ptr(), weights.dtype, pad_token_id)
-        cached = getattr(self, "_cuda_graphs", None)
-        if cached is None or cached[0] != key:
-            cached = self._cuda_graphs = (key, CUDAGraphDenoiser(self, pad_token_id))
-        return cached[1]
+        """The model's bounded graph cache, kept across calls (`cuda_graphs.model_graph_denoiser`)."""
+        return model_graph_denoiser(self, pad_token_id)
 
     @staticmethod
     def _mdlm_gap_budget(config: ElasticMDMGenerationConfig, has_template: bool) -> int | None:

@@ -112,3 +112,17 @@ def test_attention_without_a_packed_kernel_is_refused_at_init(name: str) -> None
     config._attn_implementation = name
     with pytest.raises(ValueError, match=r"attn_implementation='.*' has no packed \(varlen\) kernel.*sdpa"):
         ElasticMDMAttention(config)
+
+
+def test_generator_on_another_device_is_refused() -> None:
+    """A CPU `torch.Generator` cannot drive the draws of a model on another device (it fails deep inside a draw on
+    CUDA): `generate` refuses it up front, naming the fix. The `meta` device stands in for CUDA here."""
+    from elastic_mdm.generation_elastic_mdm import check_generator_device
+
+    model = random_model().to("meta")
+    with pytest.raises(ValueError, match=r"generator is on cpu but the model is on meta.*torch.Generator\(device="):
+        model.generate(generator=torch.Generator().manual_seed(0), num_steps=4)
+    with pytest.raises(ValueError, match="generator is on cpu but the model is on cuda:0"):
+        check_generator_device(torch.Generator(), torch.device("cuda:0"))
+    check_generator_device(torch.Generator(), torch.device("cpu"))  # same device: accepted
+    check_generator_device(None, torch.device("cuda:0"))
