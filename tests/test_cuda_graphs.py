@@ -15,6 +15,7 @@ from elastic_mdm.cuda_graphs import (
     CUDAGraphDenoiser,
     ShapeBucket,
     StaticShapeDenoiser,
+    batch_bucket,
     bucket_size,
     pad_to_bucket,
 )
@@ -62,11 +63,13 @@ def test_padding_adds_dummy_sequences_only() -> None:
     assert torch.equal(padded_ids[:24], ids) and (padded_ids[24:] == PAD).all() and padded_ids.numel() == 32
     assert cu.tolist() == [0, 5, 5, 22, 24, 32] and level.tolist() == [0.5] * 4 + [1.0]
     assert torch.equal(cu[1:5] - cu[:4], lengths.int())
-    # many short sequences: the padding is cut into pieces no longer than the bucket's longest sequence
+    # many short sequences: 24 empty ones make the batch a power of two (64), then the padding is cut into
+    # pieces no longer than the bucket's longest sequence
     packed = PackedSequences.from_lengths(torch.full((40,), 3))
     bucket = ShapeBucket.of(packed, 120, granularity=16)
-    _, cu, _ = pad_to_bucket(torch.zeros(120, dtype=torch.long), packed, torch.ones(40), bucket, PAD)
-    pieces = (cu[41:] - cu[40:-1]).tolist()
+    _, cu, level = pad_to_bucket(torch.zeros(120, dtype=torch.long), packed, torch.ones(40), bucket, PAD)
+    assert bucket.batch == 64 and (cu[41:65] == 120).all() and level.numel() == 64 + bucket.dummies
+    pieces = (cu[65:] - cu[64:-1]).tolist()
     assert (bucket.tokens, bucket.longest) == (128, 16) and sum(pieces) == 8 and max(pieces) <= 16
     assert len(pieces) == bucket.dummies == 8
 
@@ -82,8 +85,11 @@ class ShapeSpy:
         return torch.zeros(ids.numel(), 1)
 
 
-def test_smaller_batches_are_padded_with_empty_sequences() -> None:
-    """Later passes encode fewer sequences (the step cache): they keep the largest batch's shape."""
+def test_batches_are_padded_to_a_power_of_two() -> None:
+    """Passes encode varying numbers of sequences (the step cache, calls of other batch sizes): empty sequences
+    bring each up to its power-of-two batch bucket, whatever was seen before (a batch of 1 after one of 3 is not
+    padded to 4)."""
+    assert [batch_bucket(b) for b in (0, 1, 2, 3, 4, 5, 31, 32, 33)] == [1, 1, 2, 4, 4, 8, 32, 32, 64]
     spy = ShapeSpy()
     static = StaticShapeDenoiser(spy, PAD, granularity=16)
     for lengths in ([4, 3, 3], [5]):
@@ -91,8 +97,8 @@ def test_smaller_batches_are_padded_with_empty_sequences() -> None:
         ids = torch.ones(int(lengths.sum()), dtype=torch.long)
         static.diffusion_features(ids, PackedSequences.from_lengths(lengths), torch.full(lengths.shape, 0.5))
     assert spy.passes == [
-        (16, [0, 4, 7, 10, 16], [0.5, 0.5, 0.5, 1.0]),
-        (16, [0, 5, 5, 5, 16], [0.5, 1.0, 1.0, 1.0]),  # two empty sequences, then the dummy
+        (16, [0, 4, 7, 10, 10, 16], [0.5, 0.5, 0.5, 1.0, 1.0]),  # one empty sequence, then the dummy
+        (16, [0, 5, 16], [0.5, 1.0]),
     ]
 
 
