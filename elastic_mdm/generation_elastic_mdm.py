@@ -9,8 +9,6 @@ docs/design.md §3) or MDLM's fixed-canvas `sample_mdlm` (`sampler_mdlm_elastic_
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
@@ -18,7 +16,7 @@ from transformers.generation.streamers import BaseStreamer
 from .cuda_graphs import CUDAGraphDenoiser, model_graph_denoiser
 from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from .sampler_elastic_mdm import sample_elastic
-from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions, merge_outputs, tokens_per_forward
+from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions, tokens_per_forward
 from .sampler_mdlm_elastic_mdm import sample_mdlm
 from .sampling_state_elastic_mdm import ActiveState
 from .streaming_elastic_mdm import DraftStream, check_streamer
@@ -134,26 +132,18 @@ class ElasticMDMGenerationMixin:
         )
         denoiser = self._cuda_graph_denoiser(pad) if config.cuda_graphs else self
         stream = DraftStream(streamer, state, pad) if streamer is not None else None
-
-        def run(part: ActiveState, cap: int, rows: list[int]) -> ElasticMDMGenerateOutput:
-            part_options = replace(options, max_length=cap, on_draft=stream.drafter(rows) if stream else None)
-            if self.config.objective == "mdlm":
-                budget = self._mdlm_gap_budget(config, template_ids is not None)
-                return sample_mdlm(
-                    denoiser, part, part_options, eos_token_id=self.config.eos_token_id, gap_budget=budget
-                )
-            return sample_elastic(
-                denoiser, part, part_options, gap_temperature=config.gap_temperature,
-                gap_do_sample=config.gap_do_sample, lock_length=config.lock_length,
+        budget = self._mdlm_gap_budget(config, template_ids is not None) if self.config.objective == "mdlm" else None
+        options.on_draft = stream.drafter(list(range(len(input_lengths)))) if stream else None
+        caps = torch.tensor(self._length_caps(config, input_lengths, max_length), device=self.device)
+        if self.config.objective == "mdlm":
+            output = sample_mdlm(
+                denoiser, state, options, eos_token_id=self.config.eos_token_id, gap_budget=budget, caps=caps
+            )
+        else:
+            output = sample_elastic(
+                denoiser, state, options, gap_temperature=config.gap_temperature,
+                gap_do_sample=config.gap_do_sample, lock_length=config.lock_length, caps=caps,
             )  # fmt: skip
-
-        groups = rows_by_cap(self._length_caps(config, input_lengths, max_length))
-        if len(groups) == 1:
-            cap, rows = next(iter(groups.items()))
-            output = run(state, cap, rows)
-        else:  # max_new_tokens with inputs of different lengths: one sampler run per length cap
-            parts = [(rows, run(state.subset(rows), cap, rows)) for cap, rows in groups.items()]
-            output = merge_outputs(parts, len(input_lengths), pad)
         output["tokens_per_forward"] = tokens_per_forward(output, input_lengths)
         if stream is not None:
             stream.finish(output)
@@ -228,14 +218,6 @@ class ElasticMDMGenerationMixin:
         return ActiveState.from_inputs(
             input_ids, attention_mask, template_ids, num_return_sequences, special_ids, self.device
         )
-
-
-def rows_by_cap(caps: list[int]) -> dict[int, list[int]]:
-    """Sequence indices grouped by their length cap, in first-seen order."""
-    groups: dict[int, list[int]] = {}
-    for row, cap in enumerate(caps):
-        groups.setdefault(cap, []).append(row)
-    return groups
 
 
 __all__ = ["ElasticMDMGenerationConfig", "ElasticMDMGenerationMixin"]

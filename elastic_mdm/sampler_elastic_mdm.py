@@ -1,7 +1,9 @@
-"""The Elastic-MDM sampler (docs/design.md §3, the paper's Alg. 1 made exact) on a packed stream.
+"""The Elastic-MDM sampler (docs/design.md §3, the paper's Alg. 1 made exact) on a packed stream, as a stepper.
 
 Every sequence of the batch keeps its own active length: a pass encodes the active tokens only, nothing is padded
-to a canvas. The bookkeeping it shares with the MDLM baseline lives in `sampler_loop_elastic_mdm.py`.
+to a canvas. `ElasticStepper` holds every running sequence (`stepper_elastic_mdm.py`: cohorts with their own step,
+horizon, schedule, sampling settings and cap) and advances them one packed pass at a time; `sample_elastic` runs one
+cohort to the end. The bookkeeping it shares with the MDLM baseline lives in `sampler_loop_elastic_mdm.py`.
 """
 
 from __future__ import annotations
@@ -16,68 +18,204 @@ from .sampler_loop_elastic_mdm import (
     ElasticMDMGenerateOutput,
     PassWork,
     SamplerOptions,
-    SamplingLoop,
-    reveal_tables,
     rows_where,
+    run_to_end,
     sample_categorical,
 )
 from .sampling_state_elastic_mdm import ActiveState, cap_insertions, insert_masks, per_sequence_sum
 from .schedules import sample_binomial
+from .stepper_elastic_mdm import Cohort, Stepper
 
 
 @dataclass
 class Growth:
     """An insertion step planned from its counts, before the tokens move: the new `lengths` `[B]`, the `dirty`
-    flags `[B]` of the next pass and its `work`, and on the host the number of masks `inserted` and the `longest`
-    sequence after the insertion."""
+    flags `[B]` of the next pass and its `work`, and on the host the masks `inserted` into each cohort and whether a
+    sequence would outgrow its cap (`over`)."""
 
     lengths: torch.Tensor
     dirty: torch.Tensor
     work: PassWork
-    inserted: int
-    longest: int
+    inserted: list[int]
+    over: bool
 
     @classmethod
-    def of(cls, lengths: torch.Tensor, owners: torch.Tensor, counts: torch.Tensor, dirty: torch.Tensor) -> Growth:
-        """`counts[i]` masks into the gap `i` of sequence `owners[i]`; one read."""
+    def of(
+        cls,
+        lengths: torch.Tensor,
+        owners: torch.Tensor,
+        counts: torch.Tensor,
+        dirty: torch.Tensor,
+        caps: torch.Tensor,
+        ends: torch.Tensor | None,
+    ) -> Growth:
+        """`counts[i]` masks into the gap `i` of sequence `owners[i]`, under the caps `[B]`; `ends` `[C]` the last
+        sequence of each cohort (`None`: one cohort). One read."""
         added = per_sequence_sum(counts, owners, lengths.numel())  # [B]
         grown, dirty = lengths + added, dirty | (added > 0)
-        work, (inserted, longest) = PassWork.of(grown, dirty, counts.sum(), grown.max())
-        return cls(grown, dirty, work, inserted, longest)
+        per_cohort = counts.sum() if ends is None else added.cumsum(0)[ends]  # [C] running totals
+        work, (over, *inserted) = PassWork.of(grown, dirty, (grown - caps).max(), per_cohort)
+        inserted = [b - a for a, b in zip([0, *inserted[:-1]], inserted, strict=True)]
+        return cls(grown, dirty, work, inserted, over > 0)
 
 
 @dataclass
 class LengthLock:
-    """`lock_length`: every open gap of the first growing step is a region that keeps the total it draws there
-    (`length_lock.py`). `regions` `[T]` the region of each token's gap, `remaining` the positions each still places."""
+    """`lock_length` for one cohort: every open gap of its first growing step is a region that keeps the total it
+    draws there (`length_lock.py`). `regions` `[open]` the region of each of its open gaps (stream order),
+    `remaining` the positions each region still places."""
 
     regions: torch.Tensor | None = None
     num_regions: int = 0
     remaining: torch.Tensor | None = None
 
     def insertions(
-        self,
-        state: ActiveState,
-        open_rows: torch.Tensor,
-        gaps: torch.Tensor,
-        gap_logits: torch.Tensor,
-        q: float,
-        num_open: int,
-        generator: torch.Generator | None,
+        self, gaps: torch.Tensor, gap_logits: torch.Tensor, q: float, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """`[open]` masks to insert after each open row: the step's share of every region's remaining total,
+        """`[open]` masks to insert after each open gap: the step's share of every region's remaining total,
         placed by the gap draws `gaps` (one more read)."""
         if self.regions is None:  # region r: the r-th open gap of the first growing step, and all it grows into
-            self.regions, self.num_regions = state.open_after.long().cumsum(0) - 1, num_open  # [T]
+            self.num_regions = gaps.numel()
+            self.regions = torch.arange(self.num_regions, device=gaps.device)
         counts, self.remaining = locked_insertions(
-            gaps, gap_logits, self.regions[open_rows], self.remaining, q, self.num_regions, generator
+            gaps, gap_logits, self.regions, self.remaining, q, self.num_regions, generator
         )
         return counts
 
     def grow(self, counts: torch.Tensor, total: int) -> None:
-        """New masks sit inside their gap's region, as they inherit its open flag."""
+        """Masks inserted after an open gap are open gaps of its region, next to it in stream order."""
         if self.regions is not None:
             self.regions = self.regions.repeat_interleave(counts + 1, output_size=total)
+
+
+class ElasticStepper(Stepper):
+    r"""Elastic-MDM's reverse process (docs/design.md §3) over every running sequence, one step at a time.
+
+    Each cohort runs, on its own clock `k = 0 .. K` (`q_k = (F(k+1) - F(k)) / (1 - F(k))`):
+    ```
+    h = f(x, F(k))                                   one pass over the active tokens of every cohort
+    x[i] ~ p_θ(· | h_i) for every [MASK] i           (none at k = 0)
+    if k < K, for every open adjacent pair (a, b):
+        g ~ p_φ(· | h_a, h_b)                        removed count of the gap
+        m ~ Binomial(g, q_k)
+        insert m [MASK] between a and b
+    ```
+    `q_{K-1} = 1`, so a cohort's last pass fills every remaining position; it is finished after step `K`. A
+    sequence whose input did not change since its last pass (no mask filled, nothing inserted) reuses that pass when
+    its `use_cache` (exact unless time-conditioned). With `lock_length`, every open gap of step 0 keeps the total it
+    draws there and later steps only place it inside that gap's region (`length_lock.py`). `on_draft(state)` sees
+    the cohort after the fill of every step that runs a pass: every active token is then clean.
+
+    A step reads the device once, after the insertion: the masks inserted into each cohort, whether a sequence
+    would outgrow its cap, and the size of the next pass. The host then knows every count the next step needs.
+    """
+
+    def add(
+        self,
+        state: ActiveState,
+        options: SamplerOptions,
+        *,
+        gap_temperature: float = 1.0,
+        gap_do_sample: bool = True,
+        lock_length: bool = False,
+        caps: torch.Tensor | None = None,
+    ) -> Cohort:
+        """A cohort of the sequences of `state` (prompts, templates, `BOS EOS`) joins at the next step, each capped at
+        `caps` `[size]` tokens (`None`: `options.max_length`); one read."""
+        ones = torch.ones(state.lengths.numel(), dtype=torch.bool, device=state.tokens.device)
+        work, (num_masks, num_open) = PassWork.of(
+            state.lengths, ones, (state.tokens == options.mask_token_id).sum(), state.open_after.sum()
+        )
+        cohort = self.new_cohort(
+            state, options, options.num_steps + 1, caps,
+            gap_temperature=gap_temperature, gap_do_sample=gap_do_sample, lock=LengthLock() if lock_length else None,
+        )  # fmt: skip
+        cohort.num_masks, cohort.num_open = num_masks, num_open
+        self.join_work(work)
+        return cohort
+
+    def step(self) -> None:
+        """One step of every live cohort: one pass, the fills, the gap draws and the insertion."""
+        live = self.live
+        if not live:
+            return
+        for cohort in live:
+            self.record(cohort)
+        active = [c for c in live if c.share[c.k] > 0.0 or c.num_masks > 0]
+        if active:
+            self.advance(live, active)
+        for cohort in live:
+            cohort.k += 1
+            if cohort.finished:
+                self.record(cohort)
+
+    def advance(self, live: list[Cohort], active: list[Cohort]) -> None:
+        state, mask_token_id = self.state, active[0].options.mask_token_id
+        partial = len(active) < len(self.cohorts)  # a cohort sits this step out: keep its sequences off the pass
+        flags = self.flags(active) if partial else None
+        dirty = self.dirty & flags if partial else self.dirty  # [B]
+        work = PassWork.of(state.lengths, dirty)[0] if partial or self.work is None else self.work
+        levels = self.noise_levels(active)
+        if work.tokens > 0:
+            self.encode(dirty, work, levels, active)
+        dirty = self.refresh | (self.dirty & ~flags) if partial else self.refresh.clone()
+
+        num_masks = sum(c.num_masks for c in active)  # the other cohorts have none
+        self.fill(rows_where(state.tokens == mask_token_id, num_masks), [(c, c.num_masks) for c in active], dirty)
+        for cohort in active:
+            cohort.num_masks = 0
+        growing = [c for c in active if c.share[c.k] > 0.0]
+        if not growing:
+            keep = not partial and all(not c.options.use_cache for c in self.cohorts)
+            self.dirty, self.work = dirty, work if keep else None
+            return
+
+        open_rows = rows_where(state.open_after, sum(c.num_open for c in self.cohorts))
+        owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap
+        level = levels if isinstance(levels, float) else levels[owners]
+        gap_logits = self.denoiser.gap_logits(self.hidden, open_rows, level).float()  # [open, G + 1]
+        counts = self.insertions(gap_logits, growing)
+        single = len(self.cohorts) == 1
+        ends = None if single else torch.tensor([c.start + c.size - 1 for c in self.cohorts], device=owners.device)
+        growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, ends)  # the step's one read
+        if growth.over:  # rare: a sequence would outgrow its cap (one more read this step)
+            counts, clipped = cap_insertions(counts, owners, state.lengths, self.caps)
+            self.hit_max_length |= clipped
+            growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, ends)
+        self.dirty, self.work = growth.dirty, growth.work
+        all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
+        total = state.tokens.numel() + sum(growth.inserted)
+        self.state, new_rows = insert_masks(state, all_counts, mask_token_id, total, growth.lengths)
+        hidden = self.hidden
+        self.hidden = hidden.new_empty(total, hidden.shape[-1]).index_copy_(0, new_rows, hidden)
+        offset = 0
+        for cohort, inserted in zip(self.cohorts, growth.inserted, strict=True):
+            lock = cohort.extra["lock"]
+            if lock is not None:
+                lock.grow(counts if single else counts[offset : offset + cohort.num_open], cohort.num_open + inserted)
+            offset += cohort.num_open
+            cohort.num_masks, cohort.num_open = inserted, cohort.num_open + inserted
+
+    def insertions(self, gap_logits: torch.Tensor, growing: list[Cohort]) -> torch.Tensor:
+        """`[open]` masks to insert after every open gap: each growing cohort draws its gaps (at its temperature,
+        from its generator) and their `Binomial(g, q_k)` share, or its length lock's; the others insert none."""
+        parts, offset = [], 0
+        for cohort in self.cohorts:
+            n = cohort.num_open
+            if cohort not in growing:
+                parts.append(torch.zeros(n, dtype=torch.long, device=gap_logits.device))
+            else:
+                logits = gap_logits if len(self.cohorts) == 1 else gap_logits[offset : offset + n]
+                logits = logits / cohort.extra["gap_temperature"]
+                generator, q = cohort.options.generator, cohort.share[cohort.k]
+                gaps = sample_categorical(logits, cohort.extra["gap_do_sample"], generator)
+                lock = cohort.extra["lock"]
+                if lock is not None:  # every step-0 open gap keeps its drawn total; the gap head only places it
+                    parts.append(lock.insertions(gaps, logits, q, generator))
+                else:
+                    parts.append(sample_binomial(gaps, q, generator))  # [n]
+            offset += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def sample_elastic(
@@ -88,82 +226,18 @@ def sample_elastic(
     gap_temperature: float = 1.0,
     gap_do_sample: bool = True,
     lock_length: bool = False,
+    caps: torch.Tensor | None = None,
 ) -> ElasticMDMGenerateOutput:
-    r"""Elastic-MDM reverse process (docs/design.md §3) on a packed batch.
-
-    ```
-    x <- anchors (+ prompt / template); open gaps may grow
-    for k = 0 .. K:
-        h = f(x, F(k))                                   one pass over the active tokens only
-        x[i] ~ p_θ(· | h_i) for every [MASK] i           (none at k = 0)
-        if k < K, for every open adjacent pair (a, b):
-            g ~ p_φ(· | h_a, h_b)                        removed count of the gap
-            m ~ Binomial(g, q_k),  q_k = (F(k+1) - F(k)) / (1 - F(k))
-            insert m [MASK] between a and b
-    ```
-    `q_{K-1} = 1`, so the last pass fills every remaining position. A sequence whose input did not change since its
-    last pass (no mask filled, nothing inserted) reuses that pass when `options.use_cache` (exact unless
-    time-conditioned). With `lock_length`, every open gap of step 0 keeps the total it draws there (for an
-    unconditional sample, its length) and later steps only place it inside that gap's region (`length_lock.py`).
-    `options.on_draft(state)`, when given, sees the state of every step that runs a pass, after its fill and before
-    its insertion: every active token is then clean (a step fills all the masks the step before inserted).
-
-    The loop reads the device once per step (docs/design.md §8), after the insertion: the number of inserted masks
-    and the size of the next pass. The host then knows every count a step needs: the masks to fill are the masks
-    inserted at the previous step (all of them are filled at every pass), and every inserted mask is open.
-    """
-    mask_token_id, generator = options.mask_token_id, options.generator
-    reveal, reveal_share = reveal_tables(options.schedule, options.num_steps)  # F(k), q_k for k = 0..K
-    batch = state.lengths.numel()
-    loop = SamplingLoop(denoiser, options, batch, state.tokens.device)
-    everything = torch.ones(batch, dtype=torch.bool, device=state.tokens.device)
-    dirty = everything  # [B] needs a fresh pass
-    hit_max_length = torch.zeros_like(everything)
-    work, (num_masks, num_open) = PassWork.of(
-        state.lengths, everything, (state.tokens == mask_token_id).sum(), state.open_after.sum()
+    """Elastic-MDM's reverse process on the packed batch `state`, started together: one cohort of an
+    `ElasticStepper`, stepped `K + 1` times (see `ElasticStepper`). Sequence `b` grows to at most `caps[b]` tokens
+    (`None`: `options.max_length` for all)."""
+    stepper = ElasticStepper(denoiser)
+    cohort = stepper.add(
+        state,
+        options,
+        gap_temperature=gap_temperature,
+        gap_do_sample=gap_do_sample,
+        lock_length=lock_length,
+        caps=caps,
     )
-    hidden = None
-    lock = LengthLock() if lock_length else None
-    for k in loop.steps(options.num_steps + 1, "elastic-mdm"):
-        loop.record(state)
-        q = reveal_share[k]
-        grows = q > 0.0
-        if not grows and num_masks == 0:
-            continue  # nothing to fill, nothing to insert (flat stretch of a clipped schedule)
-
-        if work is None:  # after a step that filled without inserting (clipped schedules only)
-            work, _ = PassWork.of(state.lengths, dirty)
-        if work.tokens > 0:
-            hidden = loop.encode(state, hidden, dirty, work, reveal[k])
-        dirty = torch.zeros_like(everything) if options.use_cache else everything
-
-        loop.fill(hidden, state, rows_where(state.tokens == mask_token_id, num_masks), dirty)
-        num_masks = 0
-        if not grows:
-            work = None if options.use_cache else work
-            continue
-
-        open_rows = rows_where(state.open_after, num_open)
-        owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap
-        gap_logits = denoiser.gap_logits(hidden, open_rows, reveal[k]).float() / gap_temperature  # [open, G + 1]
-        gaps = sample_categorical(gap_logits, gap_do_sample, generator)
-        if lock is not None:  # every step-0 open gap keeps its drawn total; the gap head only places it
-            counts = lock.insertions(state, open_rows, gaps, gap_logits, q, num_open, generator)
-        else:
-            counts = sample_binomial(gaps, q, generator)  # [open]
-        growth = Growth.of(state.lengths, owners, counts, dirty)  # the step's one read
-        if growth.longest > options.max_length:  # rare: a sequence would outgrow the cap (one more read this step)
-            counts, clipped = cap_insertions(counts, owners, state.lengths, options.max_length)
-            hit_max_length |= clipped
-            growth = Growth.of(state.lengths, owners, counts, dirty)
-        dirty, work = growth.dirty, growth.work
-        all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
-        total = state.tokens.numel() + growth.inserted
-        state, new_rows = insert_masks(state, all_counts, mask_token_id, total, growth.lengths)
-        if lock is not None:
-            lock.grow(all_counts, total)
-        hidden = hidden.new_empty(state.tokens.numel(), hidden.shape[-1]).index_copy_(0, new_rows, hidden)
-        num_masks, num_open = growth.inserted, num_open + growth.inserted
-
-    loop.record(state)
-    return loop.output(state, hit_max_length)
+    return run_to_end(stepper, cohort, "elastic-mdm")

@@ -1,8 +1,9 @@
 """What the two samplers share: their options, their output and the bookkeeping of their step loops.
 
 `sample_elastic` (`sampler_elastic_mdm.py`) and `sample_mdlm` (`sampler_mdlm_elastic_mdm.py`) take the same
-`SamplerOptions`, run their passes through the same `SamplingLoop` (pass counters, step cache, token fill,
-trajectory, drafts) and return the same `ElasticMDMGenerateOutput`, so that the two are compared on identical code.
+`SamplerOptions`, run their passes through the same `Stepper` (`stepper_elastic_mdm.py`: pass counters, step cache,
+token fill, trajectory, drafts) and return the same `ElasticMDMGenerateOutput`, so that the two are compared on
+identical code.
 
 Host syncs (docs/design.md §8): a step loop reads the device back only through `host_read`, once per step, a few
 integer scalars at once; every other index is taken at a size the host already knows (`rows_where`).
@@ -18,7 +19,6 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import ModelOutput
 
-from .packing import PackedSequences, cu_seqlens_from_lengths
 from .sampling_state_elastic_mdm import ActiveState
 from .schedules import RevealSchedule, reveal_probability
 
@@ -107,35 +107,6 @@ def tokens_per_forward(output: ElasticMDMGenerateOutput, input_lengths: torch.Te
     return generated / passes if passes else 0.0
 
 
-def merge_outputs(
-    parts: list[tuple[list[int], ElasticMDMGenerateOutput]], batch: int, pad_token_id: int
-) -> ElasticMDMGenerateOutput:
-    """One output of `batch` sequences from sampler runs over disjoint `rows` (original order restored)."""
-    width = max(part.sequences.shape[1] for _, part in parts)
-    first = parts[0][1]
-    sequences = first.sequences.new_full((batch, width), pad_token_id)
-    lengths, hit = first.lengths.new_zeros(batch), first.hit_max_length.new_zeros(batch)
-    passes = first.sequence_passes.new_zeros(batch)
-    for rows, part in parts:
-        index = torch.tensor(rows, device=sequences.device)
-        sequences[index, : part.sequences.shape[1]] = part.sequences
-        lengths[index], hit[index], passes[index] = part.lengths, part.hit_max_length, part.sequence_passes
-    trajectory = None
-    if first.trajectory is not None:
-        steps = max(len(part.trajectory) for _, part in parts)
-        trajectory = [[None] * batch for _ in range(steps)]
-        for rows, part in parts:
-            for k in range(steps):
-                for row, seq in zip(rows, part.trajectory[min(k, len(part.trajectory) - 1)], strict=True):
-                    trajectory[k][row] = seq
-    return ElasticMDMGenerateOutput(
-        sequences=sequences, lengths=lengths, hit_max_length=hit, trajectory=trajectory,
-        num_passes=sum(part.num_passes for _, part in parts),
-        tokens_processed=sum(part.tokens_processed for _, part in parts),
-        sequence_passes=passes,
-    )  # fmt: skip
-
-
 def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row of `softmax(logits)` (`argmax` when not sampling).
 
@@ -170,9 +141,12 @@ def step_range(num_steps: int, desc: str, progress_bar: bool):
 
 
 def host_read(*values: torch.Tensor) -> list[int]:
-    """The device-to-host read of a sampling step: a few integer scalars stacked and copied back at once (each
-    separate `int(tensor)` would stall the stream once; the step loops read once per step)."""
-    return torch.stack([value.reshape(()).long() for value in values]).tolist()
+    """The device-to-host read of a sampling step: a few integer scalars (or short vectors, flattened in order)
+    copied back at once (each separate `int(tensor)` would stall the stream once; the step loops read once per
+    step)."""
+    if all(value.dim() == 0 for value in values):
+        return torch.stack([value.long() for value in values]).tolist()
+    return torch.cat([value.reshape(-1).long() for value in values]).tolist()
 
 
 def rows_where(flags: torch.Tensor, count: int) -> torch.Tensor:
@@ -196,72 +170,10 @@ class PassWork:
         return cls(sequences, tokens, longest), values
 
 
-class SamplingLoop:
-    """The step loop of one sampler run: its steps, its denoiser passes and their counters (`num_passes`,
-    `tokens_processed`, `sequence_passes` `[B]`), the token fill and its draft, the trajectory and the output."""
-
-    def __init__(self, denoiser: TokenDenoiser, options: SamplerOptions, batch: int, device: torch.device) -> None:
-        self.denoiser, self.options = denoiser, options
-        self.trajectory: list[list[torch.Tensor]] = []
-        self.num_passes = self.tokens_processed = 0
-        self.sequence_passes = torch.zeros(batch, dtype=torch.long, device=device)  # [B] passes that encoded it
-
-    def steps(self, count: int, desc: str):
-        """The step indices `0 .. count - 1` (in a tqdm bar with `progress_bar`)."""
-        return step_range(count, desc, self.options.progress_bar)
-
-    def record(self, state: ActiveState) -> None:
-        """Keep the state fed to a step (the final state last) with `output_trajectory`."""
-        if self.options.output_trajectory:
-            self.trajectory.append(state.split())
-
-    def encode(
-        self,
-        state: ActiveState,
-        hidden: torch.Tensor | None,
-        dirty: torch.Tensor,
-        work: PassWork,
-        noise_level: float,
-    ) -> torch.Tensor:
-        """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many, their tokens and the
-        longest) and return `hidden` `[T, H]` with their rows replaced. Every index is taken at a host-known size."""
-        if hidden is None or work.sequences == dirty.numel():
-            rows, lengths, tokens = None, state.lengths, state.tokens
-        else:
-            lengths = state.lengths[rows_where(dirty, work.sequences)]  # [S]
-            rows = rows_where(dirty[state.sequence_ids], work.tokens)  # [work.tokens]
-            tokens = state.tokens[rows]
-        packed = PackedSequences.from_cu_seqlens(cu_seqlens_from_lengths(lengths), work.longest, work.tokens)
-        level = torch.full((lengths.numel(),), noise_level, device=tokens.device)
-        features = self.denoiser.diffusion_features(tokens, packed, level)
-        self.num_passes += 1
-        self.tokens_processed += work.tokens
-        self.sequence_passes += dirty
-        if rows is None:
-            return features
-        return hidden.index_copy(0, rows, features.to(hidden.dtype))
-
-    def fill(self, hidden: torch.Tensor, state: ActiveState, rows: torch.Tensor, dirty: torch.Tensor) -> None:
-        """`x_i ~ p_θ(· | h_i)` (after the token processors) for every row `i` of `rows` `[R]`, written into
-        `state.tokens` in place; the sequences that changed are flagged in `dirty` `[B]`. Then the draft."""
-        options = self.options
-        if rows.numel() > 0:
-            logits = options.token_processors(None, self.denoiser.token_logits(hidden[rows]).float())  # [R, vocab]
-            state.tokens[rows] = sample_categorical(logits, options.do_sample, options.generator).to(state.tokens.dtype)
-            dirty[state.sequence_ids[rows]] = True
-        if options.on_draft is not None:
-            options.on_draft(state)
-
-    def output(self, final: ActiveState, hit_max_length: torch.Tensor) -> ElasticMDMGenerateOutput:
-        """The sequences of `final` packed into `[batch, longest]`, padded with `pad_token_id`, and the counters."""
-        return ElasticMDMGenerateOutput(
-            sequences=torch.nn.utils.rnn.pad_sequence(
-                final.split(on_device=True), batch_first=True, padding_value=self.options.pad_token_id
-            ),
-            lengths=final.lengths,
-            hit_max_length=hit_max_length,
-            trajectory=self.trajectory if self.options.output_trajectory else None,
-            num_passes=self.num_passes,
-            tokens_processed=self.tokens_processed,
-            sequence_passes=self.sequence_passes,
-        )
+def run_to_end(stepper, cohort, desc: str) -> ElasticMDMGenerateOutput:
+    """Step `stepper` (`stepper_elastic_mdm.Stepper`) until `cohort` has run its `total_steps` (in a tqdm bar with
+    `progress_bar`), then collect its output (the read of the final sequences comes after the step loop)."""
+    for _ in step_range(cohort.total_steps, desc, cohort.options.progress_bar):
+        stepper.step()
+    stepper.collect()
+    return cohort.output

@@ -13,13 +13,95 @@ from .sampler_loop_elastic_mdm import (
     ElasticMDMGenerateOutput,
     PassWork,
     SamplerOptions,
-    SamplingLoop,
     TokenDenoiser,
     host_read,
-    reveal_tables,
     rows_where,
+    run_to_end,
 )
 from .sampling_state_elastic_mdm import ActiveState, insert_masks, per_sequence_sum
+from .stepper_elastic_mdm import Cohort, Stepper
+
+
+class MDLMStepper(Stepper):
+    """MDLM's ancestral sampler (see `sample_mdlm`) over every running sequence, one step at a time: each cohort
+    on its own clock `k = 0 .. K - 1` and its own canvas length, one packed pass per step over the canvases with a
+    revealed position (or all of them without the step cache). A step reads the device once: the positions each
+    cohort reveals and the size of the pass."""
+
+    def add(
+        self,
+        state: ActiveState,
+        options: SamplerOptions,
+        *,
+        eos_token_id: int,
+        gap_budget: int | None = None,
+        caps: torch.Tensor | None = None,
+    ) -> Cohort:
+        """A cohort of the anchors `state` joins at the next step, each on a canvas of its cap (`caps` `[size]`,
+        `None`: `options.max_length`) tokens; one read."""
+        length = options.max_length if caps is None else caps
+        canvas, template_lengths = mdlm_canvas(state, length, options.mask_token_id, options.pad_token_id, gap_budget)
+        generated = canvas.tokens == options.mask_token_id  # [size * L] positions the model writes
+        (num_masks,) = host_read(generated.sum())
+        cohort = self.new_cohort(
+            canvas, options, options.num_steps, caps, eos_token_id=eos_token_id, template_lengths=template_lengths
+        )
+        cohort.num_masks = num_masks
+        self.generated = generated if len(self.cohorts) == 1 else torch.cat([self.generated, generated])
+        return cohort
+
+    def step(self) -> None:
+        """One step of every live cohort: draw the positions it reveals, encode the canvases that need it, fill."""
+        live = self.live
+        if not live:
+            return
+        state, single = self.state, len(self.cohorts) == 1
+        for cohort in live:
+            self.record(cohort)
+        mask_rows = rows_where(state.tokens == live[0].options.mask_token_id, sum(c.num_masks for c in self.cohorts))
+        parts = [reveal_draw(c.num_masks, c.share[c.k] if not c.finished else 0.0, c.options.generator,
+                             state.tokens.device) for c in self.cohorts]  # fmt: skip
+        revealed = parts[0] if single else torch.cat(parts)  # [M]
+        first = [c for c in live if c.k == 0 or not c.options.use_cache]  # encoded whatever it reveals
+        if single and first:
+            stale = torch.ones_like(self.dirty)
+        else:  # encode the changed canvases with a revealed position
+            needed = per_sequence_sum(revealed.long(), state.sequence_ids[mask_rows], self.batch)  # [B]
+            stale = self.dirty & (needed > 0)
+            if first:
+                stale = stale | self.flags(first)
+        if single:
+            work, num_revealed = PassWork.of(state.lengths, stale, revealed.sum())  # the step's one read
+        else:
+            ends = torch.tensor([c.start + c.size - 1 for c in self.cohorts], device=stale.device)
+            work, totals = PassWork.of(state.lengths, stale, needed.cumsum(0)[ends])  # the step's one read
+            num_revealed = [b - a for a, b in zip([0, *totals[:-1]], totals, strict=True)]
+        if work.tokens > 0:
+            self.encode(stale, work, self.noise_levels(live), live)
+            self.dirty = self.dirty & ~stale
+        rows = mask_rows[rows_where(revealed, sum(num_revealed))]  # the revealed rows [R]
+        self.fill(rows, list(zip(self.cohorts, num_revealed, strict=True)), self.dirty)
+        for cohort, count in zip(self.cohorts, num_revealed, strict=True):
+            cohort.num_masks -= count
+        for cohort in live:
+            cohort.k += 1
+            if cohort.finished:
+                self.record(cohort)
+
+    def on_remove(self, rows: torch.Tensor) -> None:
+        self.generated = self.generated[rows]
+
+    def output_of(
+        self, cohort: Cohort, canvas: ActiveState, flags: torch.Tensor | None, hit: torch.Tensor | None = None
+    ) -> ElasticMDMGenerateOutput:
+        """The final canvas cut: at the first generated EOS (prompts), or the gaps squeezed (templates)."""
+        generated = self.generated if flags is None else self.generated[flags]
+        template_lengths, eos = cohort.extra["template_lengths"], cohort.extra["eos_token_id"]
+        if template_lengths is None:
+            final, hit = cut_at_first_eos(canvas, generated, eos)
+        else:
+            final, hit = squeeze_gaps(canvas, generated, template_lengths, (eos, cohort.options.pad_token_id))
+        return super().output_of(cohort, final, flags, hit)
 
 
 def sample_mdlm(
@@ -29,6 +111,7 @@ def sample_mdlm(
     *,
     eos_token_id: int,
     gap_budget: int | None = None,
+    caps: torch.Tensor | None = None,
 ) -> ElasticMDMGenerateOutput:
     r"""MDLM's ancestral (DDPM) sampler on a fixed canvas, the baseline of Elastic-MDM, on a packed batch.
 
@@ -65,37 +148,9 @@ def sample_mdlm(
     `options.on_draft(canvas)`, when given, sees the canvas after the fill of every step (unrevealed positions still
     masks).
     """
-    mask_token_id, pad_token_id = options.mask_token_id, options.pad_token_id
-    canvas, template_lengths = mdlm_canvas(state, options.max_length, mask_token_id, pad_token_id, gap_budget)
-    generated = canvas.tokens == mask_token_id  # [B * L] positions the model writes
-    reveal, reveal_share = reveal_tables(options.schedule, options.num_steps)
-    everything = torch.ones(canvas.lengths.numel(), dtype=torch.bool, device=canvas.tokens.device)
-    dirty = everything  # [B] canvas changed since its last pass
-    loop = SamplingLoop(denoiser, options, canvas.lengths.numel(), canvas.tokens.device)
-    (num_masks,) = host_read(generated.sum())
-    hidden = None
-    for k in loop.steps(options.num_steps, "mdlm"):
-        loop.record(canvas)
-        mask_rows = rows_where(canvas.tokens == mask_token_id, num_masks)  # [M]
-        revealed = reveal_draw(num_masks, reveal_share[k], options.generator, canvas.tokens.device)  # [M]
-        if options.use_cache and hidden is not None:  # encode the changed canvases with a revealed position
-            needed = per_sequence_sum(revealed.long(), canvas.sequence_ids[mask_rows], canvas.lengths.numel())
-            stale = dirty & (needed > 0)
-        else:
-            stale = everything
-        work, (num_revealed,) = PassWork.of(canvas.lengths, stale, revealed.sum())  # the step's one read
-        if work.tokens > 0:
-            hidden = loop.encode(canvas, hidden, stale, work, reveal[k])
-            dirty = dirty & ~stale
-        loop.fill(hidden, canvas, mask_rows[rows_where(revealed, num_revealed)], dirty)  # the revealed rows [R]
-        num_masks -= num_revealed
-
-    loop.record(canvas)
-    if template_lengths is None:
-        final, hit_max_length = cut_at_first_eos(canvas, generated, eos_token_id)
-    else:
-        final, hit_max_length = squeeze_gaps(canvas, generated, template_lengths, (eos_token_id, pad_token_id))
-    return loop.output(final, hit_max_length)
+    stepper = MDLMStepper(denoiser)
+    cohort = stepper.add(state, options, eos_token_id=eos_token_id, gap_budget=gap_budget, caps=caps)
+    return run_to_end(stepper, cohort, "mdlm")
 
 
 def reveal_draw(count: int, prob: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -107,10 +162,11 @@ def reveal_draw(count: int, prob: float, generator: torch.Generator | None, devi
 
 
 def mdlm_canvas(
-    anchors: ActiveState, length: int, mask_token_id: int, pad_token_id: int, gap_budget: int | None
+    anchors: ActiveState, length: int | torch.Tensor, mask_token_id: int, pad_token_id: int, gap_budget: int | None
 ) -> tuple[ActiveState, torch.Tensor | None]:
-    """The `[B * L]` MDLM canvases of `anchors` (see `sample_mdlm`) and, for templates, the length of each filled
-    template `[B]` (its rows after that are the fixed pad tail); `None` for prompts."""
+    """The MDLM canvases of `anchors` (see `sample_mdlm`), `length` tokens each (one int, or `[B]`), and, for
+    templates, the length of each filled template `[B]` (its rows after that are the fixed pad tail); `None` for
+    prompts."""
     if gap_budget is None:
         is_last = torch.zeros_like(anchors.open_after).index_fill_(0, anchors.last_rows(), True)
         if not torch.equal(anchors.open_after, is_last.roll(-1)):
@@ -124,10 +180,14 @@ def mdlm_canvas(
         counts = anchors.open_after.long() * gap_budget  # [T] masks after each open token
         body, _ = insert_masks(anchors, counts, mask_token_id)
         tail_token, template_lengths = pad_token_id, body.lengths
-    longest = int(body.lengths.max())
-    if longest > length:
+    excess, row = (body.lengths - length).max(0)
+    if int(excess) > 0:
         what = "A prompt" if gap_budget is None else f"A template with mdlm_gap_budget={gap_budget} masks per gap"
-        raise ValueError(f"{what} has {longest} tokens, more than the canvas length max_length={length}.")
+        canvas = length if isinstance(length, int) else int(length[row])
+        raise ValueError(
+            f"{what} has {int(body.lengths[row])} tokens, more than its canvas length (max_length or the prompt "
+            f"plus max_new_tokens) of {canvas}."
+        )
     counts = torch.zeros_like(body.tokens).index_put_((body.last_rows(),), length - body.lengths)
     canvas, _ = insert_masks(body, counts, tail_token)  # the tail is inserted after each last token
     canvas.open_after.zero_()

@@ -81,14 +81,6 @@ class ActiveState:
         lengths = per_sequence_sum(keep.long(), self.sequence_ids, self.lengths.numel())
         return ActiveState(self.tokens[keep], self.sequence_ids[keep], self.open_after[keep], lengths)
 
-    def subset(self, rows: list[int]) -> ActiveState:
-        """The sequences `rows` as a state of their own (renumbered `0 .. len(rows) - 1`)."""
-        index = torch.tensor(rows, device=self.lengths.device)
-        keep = torch.isin(self.sequence_ids, index)
-        lengths = self.lengths[index]
-        sequence_ids = torch.arange(len(rows), device=index.device).repeat_interleave(lengths)
-        return ActiveState(self.tokens[keep], sequence_ids, self.open_after[keep], lengths)
-
     def positions(self) -> torch.Tensor:
         """`[T]` index of every token inside its sequence."""
         starts = cu_seqlens_from_lengths(self.lengths)[:-1].long()  # [B]
