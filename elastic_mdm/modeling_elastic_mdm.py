@@ -35,7 +35,7 @@ from .layers_elastic_mdm import (
     per_token,
     rope_inv_freq,
 )
-from .packing import PackedSequences, pack_padded, unpack_to_padded
+from .packing import PackedSequences, TargetRows, pack_padded, supervised_rows, unpack_to_padded
 from .pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline  # noqa: F401  (saved with the checkpoint)
 
 IGNORE_INDEX = -100
@@ -138,9 +138,12 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         cu_seqlens: torch.Tensor | None,
         max_seqlen: int | None,
         noise_level: torch.Tensor | None,
+        check_bounds: bool = True,
     ) -> tuple[torch.Tensor, PackedSequences, torch.Tensor | None]:
         """Validate a packed (`[tokens]` + `cu_seqlens`) or padded (`[batch, length]` + `attention_mask`) batch and
-        return the flat ids, their `PackedSequences`, and the padded row of each token (`None` if already packed)."""
+        return the flat ids, their `PackedSequences`, and the padded row of each token (`None` if already packed).
+        `check_bounds=False` skips the one device read that checks `cu_seqlens`, `max_seqlen` and the id range: for
+        bounds a collator built and read already."""
         if input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
         if input_ids.device != self.embed_tokens.weight.device:
@@ -169,7 +172,8 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             raise ValueError("A packed batch needs input_ids of shape [tokens] and cu_seqlens of shape [batch + 1].")
         if cu_seqlens.numel() < 2 or input_ids.numel() == 0:
             raise ValueError("The batch is empty: input_ids holds no sequence.")
-        self._check_packed(input_ids, cu_seqlens, max_seqlen)
+        if check_bounds:
+            self._check_packed(input_ids, cu_seqlens, max_seqlen)
         packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=input_ids.numel())
         if packed.max_seqlen > self.config.max_position_embeddings:
             raise ValueError(
@@ -309,6 +313,7 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         loss_reduction: str = "mean",
         return_logits: bool | None = None,
         output_hidden_states: bool = False,
+        target_rows: TargetRows | None = None,
         **kwargs,
     ) -> ElasticMDMOutput:
         r"""
@@ -324,11 +329,17 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
                 `token_loss = Σ_i w_i CE_i / tokens` (MDLM's loss).
             loss_reduction: `"mean"` (training) or `"sequence"`: losses are per-sequence sums `[batch]` (NELBO).
             return_logits: return full logits alongside the loss (default: only without targets).
+            target_rows: how many tokens carry a label and a gap label, known on the host: the training collators
+                read them with the batch's bounds in their one device read, so that a training step reads the
+                device once. With them the loss selects its rows without a read-back and the bounds the collator
+                built are not checked again; leave unset for batches built by hand.
         """
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction={loss_reduction!r} is unknown; use one of {LOSS_REDUCTIONS}.")
         model = self.model
-        flat_ids, packed, flat_index = model.pack_inputs(input_ids, attention_mask, cu_seqlens, max_seqlen, noise_level)
+        flat_ids, packed, flat_index = model.pack_inputs(
+            input_ids, attention_mask, cu_seqlens, max_seqlen, noise_level, check_bounds=target_rows is None
+        )
         hidden = model.forward_packed(flat_ids, packed, noise_level)  # [tokens, d]
         has_targets = labels is not None or gap_labels is not None
         if return_logits is None:
@@ -340,8 +351,9 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         token_loss = gap_loss = loss = None
         if has_targets:
             token_loss, gap_loss = self.diffusion_losses(
-                hidden, packed, flat(labels), flat(gap_labels), flat(label_weights), loss_reduction, noise_level
-            )
+                hidden, packed, flat(labels), flat(gap_labels), flat(label_weights), loss_reduction, noise_level,
+                target_rows,
+            )  # fmt: skip
             loss = token_loss + self.config.gap_loss_weight * gap_loss
 
         logits = gap = None
@@ -371,13 +383,15 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         label_weights: torch.Tensor | None = None,  # [tokens]
         reduction: str = "mean",
         noise_level: torch.Tensor | None = None,  # [batch] s'
+        target_rows: TargetRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token CE over masks and gap CE over supervised pairs; the heads run on those rows only."""
+        """Token CE over masks and gap CE over supervised pairs; the heads run on those rows only (selected without a
+        device read when `target_rows` gives their counts)."""
         batch = packed.batch_size
         zero = hidden.sum() * 0.0 if reduction == "mean" else hidden.new_zeros(batch, dtype=torch.float32)
         token_loss = gap_loss = zero
         if labels is not None:
-            rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+            rows = supervised_rows(labels != IGNORE_INDEX, target_rows and target_rows.tokens)
             weights = None if label_weights is None else label_weights[rows].float()
             logits = self.token_logits(hidden[rows])
             sequences = packed.sequence_ids[rows]
@@ -385,7 +399,8 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
                 logits, labels[rows], sequences, batch, reduction, weights, num_tokens=hidden.shape[0]
             )
         if gap_labels is not None:
-            rows = ((gap_labels != IGNORE_INDEX) & ~packed.last_token_mask()).nonzero().squeeze(-1)
+            flags = (gap_labels != IGNORE_INDEX) & ~packed.last_token_mask()
+            rows = supervised_rows(flags, target_rows and target_rows.gaps)
             logits = self.gap_logits(hidden, rows, row_levels(noise_level, packed.sequence_ids[rows]))
             gap_loss = reduce_cross_entropy(logits, gap_labels[rows], packed.sequence_ids[rows], batch, reduction)
         return token_loss, gap_loss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,4 +78,26 @@ def unpack_to_padded(values: torch.Tensor | None, flat_index: torch.Tensor, shap
     return out.index_copy(0, flat_index, values).view(*shape, *values.shape[1:])
 
 
-__all__ = ["PackedSequences", "cu_seqlens_from_lengths", "pack_padded", "unpack_to_padded"]
+class TargetRows(NamedTuple):
+    """How many tokens of a training batch carry a token label and a gap label (host integers)."""
+
+    tokens: int
+    gaps: int
+
+
+def supervised_rows(flags: torch.Tensor, count: int | None) -> torch.Tensor:
+    """Indices `[rows]` of the `True` entries of `flags` `[tokens]`: with their `count` known on the host by
+    `nonzero_static` (no read-back), else by `nonzero` (one read)."""
+    if count is None:
+        return flags.nonzero().squeeze(-1)
+    return torch.nonzero_static(flags, size=count).squeeze(-1)
+
+
+__all__ = [
+    "PackedSequences",
+    "TargetRows",
+    "cu_seqlens_from_lengths",
+    "pack_padded",
+    "supervised_rows",
+    "unpack_to_padded",
+]

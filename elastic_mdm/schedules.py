@@ -135,13 +135,20 @@ class NoiseLevelSampler:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}.")
 
-    def __call__(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(s, s')`, two float64 tensors of shape `[batch_size]` with `0 <= s <= s' <= 1`."""
-        rand = lambda: torch.rand(batch_size, generator=generator, dtype=torch.float64)  # noqa: E731
-        horizon = torch.randint(self.min_steps, self.max_steps + 1, (batch_size,), generator=generator)  # K
+    def __call__(
+        self, batch_size: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(s, s')`, two float64 tensors of shape `[batch_size]` with `0 <= s <= s' <= 1`, drawn on the
+        generator's device (else on `device`, from its global RNG): training draws them where the batch lives, with no
+        host-to-device copy."""
+        device = generator.device if generator is not None else device
+        rand = lambda: torch.rand(batch_size, generator=generator, dtype=torch.float64, device=device)  # noqa: E731
+        horizon = torch.randint(
+            self.min_steps, self.max_steps + 1, (batch_size,), generator=generator, device=device
+        )  # K
         step = (rand() * horizon).floor().long() + 1  # k ~ U{1..K}
-        family = torch.randint(len(self.families), (batch_size,), generator=generator)
-        s, s_next = torch.zeros(batch_size, dtype=torch.float64), torch.zeros(batch_size, dtype=torch.float64)
+        family = torch.randint(len(self.families), (batch_size,), generator=generator, device=device)
+        s = s_next = torch.zeros(batch_size, dtype=torch.float64, device=device)
         for i, schedule in enumerate(self.families):  # loop over families, not examples
             pick = family == i
             s = torch.where(pick, schedule(step - 1, horizon), s)

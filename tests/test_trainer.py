@@ -204,3 +204,58 @@ def test_tokens_encoded_counts_the_positions_each_objective_encodes(tmp_path, to
     steps = [b - a for a, b in zip([0.0, *counts["elastic"]], counts["elastic"], strict=False)]
     longest_batch = 32 * max(len(f["input_ids"]) for f in train)
     assert all(0 < s <= longest_batch for s in steps) and counts["elastic"][-1] < counts["mdlm"][-1]
+
+
+@pytest.mark.parametrize("objective", ["elastic", "mdlm"])
+def test_a_training_step_reads_the_device_once(monkeypatch, tmp_path, tokenizer, records, objective: str) -> None:
+    """`compute_loss` and the backward pass of a step read the device once: the collator's `host_read` (active
+    tokens, longest sequence, masks). The noise is drawn on the batch's device; the model trusts the bounds the
+    collator built and selects the loss rows from the counts it read (no `nonzero`, no `.tolist()`)."""
+    from helpers import HostSyncRecorder
+
+    from elastic_mdm.training.collators import PackingCollator
+
+    train, _ = records
+    trainer = ElasticMDMTrainer(model=tiny_model(tokenizer), args=arguments(tmp_path, objective=objective))
+    batch = trainer.data_collator([train[i] for i in range(16)])
+    assert PackingCollator.is_clean(batch)  # the noise is drawn in compute_loss, on the batch's device
+    with HostSyncRecorder(monkeypatch) as recorder:
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+    assert recorder.syncs == [] and recorder.reads == 1
+    assert torch.isfinite(loss)
+
+
+def test_the_training_loop_reads_nothing_more_per_step(monkeypatch, tmp_path, tokenizer, records) -> None:
+    """The Trainer's own loop adds no read per step (its nan/inf loss filter, one read per step, is off): the
+    read-backs outside `host_read` of a 2-step and a 6-step run are the same. The data collator is not recorded: it
+    checks host data in the data loader, which never touches the device."""
+    from helpers import HostSyncRecorder
+
+    train, _ = records
+    counts = {}
+    for steps in (2, 6):
+        args = arguments(tmp_path / str(steps), max_steps=steps, logging_steps=100, per_device_train_batch_size=8)
+        trainer = ElasticMDMTrainer(model=tiny_model(tokenizer), args=args, train_dataset=train)
+        with HostSyncRecorder(monkeypatch) as recorder:
+            collator_class = type(trainer.data_collator)
+
+            def unrecorded(self, features, collate=collator_class.__call__):
+                recorder.recording = False
+                try:
+                    return collate(self, features)
+                finally:
+                    recorder.recording = True
+
+            monkeypatch.setattr(collator_class, "__call__", unrecorded)
+            trainer.train()
+        counts[steps] = (len(recorder.syncs), recorder.reads)
+    assert counts[6][0] == counts[2][0], counts
+    assert counts[6][1] - counts[2][1] == 4, counts  # one host_read per step
+
+
+def test_noise_levels_are_drawn_on_the_requested_device() -> None:
+    from elastic_mdm.schedules import NoiseLevelSampler
+
+    s, s_next = NoiseLevelSampler()(5, device="meta")
+    assert s.device.type == s_next.device.type == "meta" and s.shape == (5,)

@@ -178,6 +178,13 @@ class ElasticMDMTrainingArguments(TrainingArguments):
     eval_num_steps: int = field(default=128, metadata={"help": "K of the NELBO reported at evaluation."})
     eval_schedule: str = field(default="linear", metadata={"help": "Schedule of the NELBO reported at evaluation."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collators need every column."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Transformers' filter of nan/inf losses from the logged loss; it reads the loss back every step, "
+            "so it is off: a non-finite loss shows in the logs."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={

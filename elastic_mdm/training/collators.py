@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..modeling_elastic_mdm import IGNORE_INDEX
-from ..packing import PackedSequences, cu_seqlens_from_lengths
+from ..packing import PackedSequences, TargetRows, cu_seqlens_from_lengths
 from ..sampler_loop_elastic_mdm import host_read, rows_where
 from ..sampling_state_elastic_mdm import per_sequence_sum
 from ..schedules import NoiseLevelSampler
@@ -55,7 +55,8 @@ def corrupt_packed(
     removed_before = (~active).long().cumsum(0)  # [N] removed positions up to and including i
 
     lengths = per_sequence_sum(active.long(), sequence_ids, active_share.numel())  # [B] active tokens
-    num_active, longest = host_read(lengths.sum(), lengths.max())  # the one device read of the forward process
+    # the one device read of the forward process (and of the training step: the model trusts these bounds)
+    num_active, longest, num_masks = host_read(lengths.sum(), lengths.max(), mask.sum())
     keep = rows_where(active, num_active)  # [T] source row of each active token
     gaps = removed_before[keep].diff(append=removed_before[keep][-1:])  # removed between kept j and kept j+1
     cu_seqlens = cu_seqlens_from_lengths(lengths)
@@ -69,6 +70,7 @@ def corrupt_packed(
         "cu_seqlens": cu_seqlens,
         "max_seqlen": longest,
         "noise_level": active_share.float(),
+        "target_rows": TargetRows(tokens=num_masks, gaps=num_active - lengths.numel()),  # all pairs but the last
     }
     if next_share is not None:
         revealed = (~active & (u < next_share.to(u.dtype)[sequence_ids])).long().cumsum(0)  # [N]
@@ -191,7 +193,7 @@ class ElasticMDMCollator(PackingCollator):
         tokens, cu = clean["clean_ids"], clean["clean_cu_seqlens"]
         batch = cu.numel() - 1
         packed = PackedSequences.from_cu_seqlens(cu, max_seqlen=0, num_tokens=tokens.numel())  # max unused here
-        clean_share, active_share = self.noise_sampler(batch, generator=generator)  # CPU draws: [B] each
+        clean_share, active_share = self.noise_sampler(batch, generator=generator, device=tokens.device)  # [B] each
         uniforms = draw(tokens.numel(), clean, generator)
         out = corrupt_packed(
             tokens,
@@ -231,8 +233,10 @@ class MDLMCollator(PackingCollator):
 
         offset = draw(1, clean, generator)
         t = self.eps + (1 - self.eps) * ((offset + torch.arange(batch, device=device) / batch) % 1.0)  # [B]
-        mask = (draw(batch * length, clean, generator) < t.repeat_interleave(length)) & ~fixed
-        weights = (1.0 / t).repeat_interleave(length).float()
+        per_position = t[:, None].expand(batch, length).reshape(-1)  # [B * L] t_b of every canvas position
+        mask = (draw(batch * length, clean, generator) < per_position) & ~fixed
+        weights = (1.0 / per_position).float()
+        (num_masks,) = host_read(mask.sum())  # the one device read of the step
         return {
             "input_ids": canvas.masked_fill(mask, self.mask_token_id),
             "labels": canvas.masked_fill(~mask, IGNORE_INDEX),
@@ -240,6 +244,7 @@ class MDLMCollator(PackingCollator):
             "cu_seqlens": torch.arange(batch + 1, dtype=torch.int32, device=device) * length,
             "max_seqlen": length,
             "noise_level": (1.0 - t).float(),
+            "target_rows": TargetRows(tokens=num_masks, gaps=0),
             TARGET_TOKENS: clean[TARGET_TOKENS],
         }
 
