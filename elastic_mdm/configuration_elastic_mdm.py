@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 BLOCK_TYPES = ("dit", "llama")
@@ -43,7 +45,7 @@ class ElasticMDMConfig(PretrainedConfig):
         rope_theta: RoPE base.
         norm_eps: Epsilon of LayerNorm / RMSNorm.
         max_gap: Largest gap class `N_max`: the gap head predicts a removed count in `0..max_gap`.
-            Default `max_position_embeddings`.
+            Default `max_position_embeddings`, also its bound (no gap of a sequence that fits can be longer).
         gap_head_type: Features of an adjacent pair `(h_a, h_b)` fed to the gap MLP: `"concat"` (`[h_a; h_b]`),
             `"sum"` (`h_a + h_b`) or `"product"` (`h_a * h_b`).
         gap_loss_weight: `λ_gap` in `loss = token_loss + λ_gap * gap_loss`.
@@ -131,10 +133,22 @@ class ElasticMDMConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
-        self._check_special_ids()
+        self.check_special_ids()
+
+    def validate(self) -> None:
+        """Transformers' checks (where its config has them, e.g. at `save_pretrained`), then this config's own:
+        sizes and special ids, which an attribute set after construction may have broken."""
+        parent = getattr(super(), "validate", None)
+        if parent is not None:
+            parent()
+        self._check_sizes()
+        self.check_special_ids()
 
     def _check_sizes(self) -> None:
-        """Refuse sizes that would fail later, deep inside the model or the sampler."""
+        """Refuse sizes that would fail later, deep inside the model or the sampler: counts below their minimum,
+        `max_gap > max_position_embeddings` (the gap head's `max_gap + 1` classes are computed for every pair of
+        every pass: 100000 classes cost 1.6 GB per pass, for counts no sequence can have), `norm_eps <= 0` (a zero
+        variance divides by zero), a negative or non-finite `gap_loss_weight` (`loss = token_loss + λ · gap_loss`)."""
         minimum = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1, "max_gap": 0}
         minimum["max_position_embeddings"] = 3  # BOS, one token, EOS
         for name, low in minimum.items():
@@ -145,10 +159,22 @@ class ElasticMDMConfig(PretrainedConfig):
             raise ValueError(
                 f"hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}."
             )
+        if self.max_gap > self.max_position_embeddings:
+            raise ValueError(
+                f"max_gap={self.max_gap} exceeds max_position_embeddings={self.max_position_embeddings}: no gap of a "
+                "sequence the model can hold is that long. Leave max_gap unset (it defaults to "
+                "max_position_embeddings) or lower it."
+            )
+        for name, positive in (("norm_eps", True), ("rope_theta", True), ("gap_loss_weight", False)):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
 
-    def _check_special_ids(self) -> None:
+    def check_special_ids(self) -> None:
         """Special ids lie in `0..vocab_size - 1`, and the mask differs from BOS and EOS (else sampling would
-        overwrite the anchors)."""
+        overwrite the anchors). Run at construction, by `validate()`, and by `generate()` before it samples (ids can
+        be set on a built config)."""
         for name in SPECIAL_IDS:
             value = getattr(self, name, None)
             if value is None:

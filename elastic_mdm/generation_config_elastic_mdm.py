@@ -21,8 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .sampler_loop_elastic_mdm import MAX_NUM_STEPS
-from .schedules import RevealSchedule, get_schedule
+from .schedules import RevealSchedule, check_num_steps, get_schedule
 
 # Transformers generation fields the samplers honour; any other field set to a non-neutral value is refused.
 SUPPORTED_HF_FIELDS = {
@@ -87,7 +86,7 @@ class ElasticMDMGenerationConfig(GenerationConfig):
 
     Other Transformers fields (`num_beams`, `repetition_penalty`, `no_repeat_ngram_size`, `min_new_tokens`,
     `min_length`, ...) have no meaning for a diffusion sampler: `generate()` refuses them instead of ignoring them.
-    `num_steps` is at most `MAX_NUM_STEPS`.
+    `num_steps` is at most `schedules.MAX_NUM_STEPS`.
 
     `gap_temperature` and `gap_do_sample` only concern `objective="elastic"` models (MDLM has no gap head).
     """
@@ -161,12 +160,12 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         counts, non-finite numbers, multi-token bad words, an unknown schedule, a bad `mdlm_gap_budget`."""
         # Transformers refuses num_return_sequences > 1 with greedy tokens (a beam-search rule); here gap counts stay
         # random, so the copies differ: keep it out of Transformers' checks.
+        self._check_sampler_fields()  # first: these messages say what the samplers need
         copies, self.num_return_sequences = self.num_return_sequences, 1
         try:
             super().validate(strict=strict, user_set_attributes=user_set_attributes)
         finally:
             self.num_return_sequences = copies
-        self._check_sampler_fields()
         self._check_transformers_fields()
         self.reveal_schedule()  # unknown schedule / bad parameters raise here
         budget = self.mdlm_gap_budget
@@ -185,27 +184,33 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         count = self.num_return_sequences
         if count is not None and not is_count(count, 1):  # None: one sample per input
             raise ValueError(f"num_return_sequences must be an integer >= 1, got {count!r}.")
-        steps = self.num_steps
-        if not is_count(steps, 1):
-            raise ValueError(f"num_steps must be an integer >= 1, got {steps!r}.")
-        if steps > MAX_NUM_STEPS:
-            raise ValueError(
-                f"num_steps={steps} is above the limit of {MAX_NUM_STEPS}: every step costs time whether or not it "
-                "changes anything, and a sequence of max_length tokens changes in at most max_length - 2 steps, so "
-                f"more steps only refine the schedule's time grid. Use num_steps <= max_length (or at most "
-                f"{MAX_NUM_STEPS})."
-            )
+        check_num_steps(self.num_steps)
         floats = {"gap_temperature": self.gap_temperature, "temperature": self.temperature, "top_p": self.top_p}
         floats.update({f"schedule_kwargs[{k!r}]": v for k, v in self.schedule_kwargs.items()})
         for name, value in floats.items():
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
-        if self.gap_temperature <= 0:
-            raise ValueError(f"gap_temperature must be > 0, got {self.gap_temperature}.")
-        new = self.max_new_tokens
-        if new is not None and not is_count(new, 0):
+        positive = {"gap_temperature": self.gap_temperature, "temperature": self.temperature}
+        for name, value in positive.items():
+            if value is not None and value <= 0:
+                raise ValueError(
+                    f"{name} must be > 0, got {value}; for the most likely tokens pass do_sample=False "
+                    "(gap counts: gap_do_sample=False)."
+                )
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1] (the probability mass kept; 1 keeps all), got {self.top_p}.")
+        if self.top_k is not None and not is_count(self.top_k, 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {self.top_k!r}.")
+        if self.max_length is not None and not is_count(self.max_length, 2):
             raise ValueError(
-                f"max_new_tokens must be an integer >= 0 (how many tokens an input may grow by), got {new!r}."
+                f"max_length must be an integer >= 2 (the longest sequence, BOS and EOS included), got "
+                f"{self.max_length!r}."
+            )
+        new = self.max_new_tokens
+        if new is not None and not is_count(new, 1):
+            raise ValueError(
+                f"max_new_tokens must be an integer >= 1 (how many tokens an input may grow by), got {new!r}; leave "
+                "it unset for no cap but max_length."
             )
 
     def _check_transformers_fields(self) -> None:

@@ -19,7 +19,7 @@ from .sampler_elastic_mdm import sample_elastic
 from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions, tokens_per_forward
 from .sampler_mdlm_elastic_mdm import sample_mdlm
 from .sampling_state_elastic_mdm import ActiveState
-from .streaming_elastic_mdm import DraftStream, check_streamer
+from .streaming_elastic_mdm import DraftStream, ends_stream
 
 
 def check_generator_device(generator: torch.Generator | None, device: torch.device) -> None:
@@ -59,6 +59,7 @@ class ElasticMDMGenerationMixin:
         except OSError:  # no generation_config.json: keep the defaults built from the model config
             pass
 
+    @ends_stream
     @torch.no_grad()
     def generate(
         self,
@@ -103,7 +104,6 @@ class ElasticMDMGenerationMixin:
         `tokens_per_forward` (generated tokens per denoiser pass, see `tokens_per_forward()`) and the trajectory.
         """
         config = self._resolve_generation_config(generation_config, kwargs)
-        check_streamer(streamer)
         if return_dict_in_generate is None:
             return_dict_in_generate = bool(config.return_dict_in_generate)
         max_length = self._generation_max_length(config)
@@ -131,8 +131,8 @@ class ElasticMDMGenerationMixin:
             progress_bar=config.progress_bar,
         )
         denoiser = self._cuda_graph_denoiser(pad) if config.cuda_graphs else self
-        stream = DraftStream(streamer, state, pad) if streamer is not None else None
         budget = self._mdlm_gap_budget(config, template_ids is not None) if self.config.objective == "mdlm" else None
+        stream = DraftStream(streamer, state, pad) if streamer is not None else None  # every check ran before
         options.on_draft = stream.drafter(list(range(len(input_lengths)))) if stream else None
         caps = torch.tensor(self._length_caps(config, input_lengths, max_length), device=self.device)
         if self.config.objective == "mdlm":
@@ -215,8 +215,9 @@ class ElasticMDMGenerationMixin:
         special_ids = (cfg.bos_token_id, cfg.eos_token_id, cfg.mask_token_id)
         if None in special_ids:
             raise ValueError("The model config needs bos_token_id, eos_token_id and mask_token_id to generate.")
+        cfg.check_special_ids()  # ids set on the config after it was built (a mask equal to BOS would overwrite it)
         return ActiveState.from_inputs(
-            input_ids, attention_mask, template_ids, num_return_sequences, special_ids, self.device
+            input_ids, attention_mask, template_ids, num_return_sequences, special_ids, self.device, cfg.vocab_size
         )
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_elastic_mdm import ElasticMDMConfig
 from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
@@ -37,8 +37,10 @@ from .layers_elastic_mdm import (
 )
 from .packing import PackedSequences, TargetRows, pack_padded, supervised_rows, unpack_to_padded
 from .pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline  # noqa: F401  (saved with the checkpoint)
+from .weights_elastic_mdm import non_finite_message
 
 IGNORE_INDEX = -100
+logger = logging.get_logger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,6 +55,17 @@ class ElasticMDMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ElasticMDMBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Transformers' `from_pretrained`, then a warning naming the first tensor that holds NaN or infinity
+        (such weights load without an error and sample garbage; the command-line tools refuse them)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        source = kwargs.get("pretrained_model_name_or_path", args[0] if args else "the checkpoint")
+        message = non_finite_message(loaded[0] if isinstance(loaded, tuple) else loaded, repr(str(source)))
+        if message is not None:
+            logger.warning(message)
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -173,7 +186,7 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         if cu_seqlens.numel() < 2 or input_ids.numel() == 0:
             raise ValueError("The batch is empty: input_ids holds no sequence.")
         if check_bounds:
-            self._check_packed(input_ids, cu_seqlens, max_seqlen)
+            self._check_packed(input_ids, cu_seqlens, max_seqlen, noise_level)
         packed = PackedSequences.from_cu_seqlens(cu_seqlens, max_seqlen, num_tokens=input_ids.numel())
         if packed.max_seqlen > self.config.max_position_embeddings:
             raise ValueError(
@@ -186,12 +199,26 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
             )
         return input_ids, packed, flat_index
 
-    def _check_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> None:
+    def _check_packed(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        noise_level: torch.Tensor | None = None,
+    ) -> None:
         """`cu_seqlens` runs from 0 to the number of tokens without decreasing, `max_seqlen` is at least the longest
-        sequence, and every id has an embedding row; one read-back for all of it."""
+        sequence, every id has an embedding row and every noise level is a share in [0, 1] (NaN is not); one
+        read-back for all of it."""
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        level_ok = cu_seqlens.new_ones(()) if noise_level is None else ((noise_level >= 0) & (noise_level <= 1)).all()
         values = (cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max(), *input_ids.aminmax())
-        first, last, shortest, longest, low, high = torch.stack([v.long() for v in values]).tolist()
+        values = (*values, level_ok.to(cu_seqlens.device))
+        first, last, shortest, longest, low, high, levels = torch.stack([v.long() for v in values]).tolist()
+        if not levels:
+            raise ValueError(
+                "noise_level must hold the share s' of active interior positions of each sequence, a number in "
+                f"[0, 1]; got values outside it or NaN: {noise_level.flatten()[:8].tolist()}."
+            )
         if [first, last] != [0, input_ids.numel()]:
             raise ValueError(
                 f"cu_seqlens must run from 0 to the number of tokens ({input_ids.numel()}), got {first}..{last}."

@@ -22,12 +22,6 @@ from transformers.utils import ModelOutput
 from .sampling_state_elastic_mdm import ActiveState
 from .schedules import RevealSchedule, reveal_probability
 
-MAX_NUM_STEPS = 65536
-"""Largest `num_steps` K. The samplers keep `F(0..K)` on the host and run K + 1 steps whatever happens in them (a
-step that inserts nothing still draws every open gap's count); a sequence of at most `max_length` tokens changes in
-at most `max_length - 2` of them, so K far above `max_length` only refines the schedule's time grid, at a cost
-linear in K (100000 steps: about 40 s for one 64-token sequence on a CPU). 65536 is 64 x the longest paper context."""
-
 
 class TokenDenoiser(Protocol):
     """What `sample_mdlm` needs of a model: features of a packed stream and the token head on selected rows."""
@@ -50,7 +44,7 @@ class SamplerOptions:
     Args:
         mask_token_id, pad_token_id: The mask id, and the id that pads the output sequences.
         max_length: Cap on the length of a sequence, anchors included (MDLM: the canvas length `L`).
-        num_steps: Number of reverse steps `K` (at most `MAX_NUM_STEPS`).
+        num_steps: Number of reverse steps `K` (at most `schedules.MAX_NUM_STEPS`).
         schedule: The reveal schedule `F`.
         token_processors: Logits processors applied before every token draw.
         do_sample: Sample tokens (`True`) or take the most likely one.
@@ -123,9 +117,7 @@ def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.G
 def reveal_tables(schedule: RevealSchedule, num_steps: int) -> tuple[list[float], list[float]]:
     """`F(0..K)` and `q_0..q_K` with `q_k = (F(k+1) - F(k)) / (1 - F(k))` and `q_K = 0`, as host floats (the step
     loop then reads them without a device sync). `q_{K-1} = 1` unless everything was revealed before."""
-    if num_steps > MAX_NUM_STEPS:
-        raise ValueError(f"num_steps={num_steps} is above the limit of {MAX_NUM_STEPS} (see MAX_NUM_STEPS).")
-    reveal = schedule.table(num_steps)  # float64 on the host
+    reveal = schedule.table(num_steps)  # float64 on the host; K <= MAX_NUM_STEPS (schedules.check_num_steps)
     share = reveal_probability(reveal[:-1], reveal[1:]).tolist() + [0.0]
     return reveal.tolist(), share
 

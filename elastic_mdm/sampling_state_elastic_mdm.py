@@ -54,18 +54,19 @@ class ActiveState:
         num_return_sequences: int,
         special_ids: tuple[int, int, int],
         device: torch.device | str | None = None,
+        vocab_size: int | None = None,
     ) -> ActiveState:
         """Start state of `generate()`: prompts (`input_ids`), templates (`template_ids`) or, with neither, the
         unconditional `BOS EOS`; each input repeated `num_return_sequences` times. `special_ids` is
-        `(bos, eos, mask)`."""
+        `(bos, eos, mask)`; with `vocab_size`, an id outside `0..vocab_size - 1` is refused (on the host lists)."""
         bos, eos, mask = special_ids
         if input_ids is not None and template_ids is not None:
             raise ValueError("Pass either input_ids (prompts) or template_ids (templates), not both.")
         if input_ids is not None:
-            rows = rows_of(input_ids, attention_mask, "input_ids")
+            rows = rows_of(input_ids, attention_mask, "input_ids", vocab_size)
             sequences = [parse_prompt(row, bos, eos, mask, f"input_ids[{i}]") for i, row in enumerate(rows)]
         elif template_ids is not None:
-            rows = rows_of(template_ids, attention_mask, "template_ids")
+            rows = rows_of(template_ids, attention_mask, "template_ids", vocab_size)
             sequences = [parse_template(row, bos, eos, mask, f"template_ids[{i}]") for i, row in enumerate(rows)]
         else:
             sequences = [([bos, eos], [True, False])]
@@ -138,8 +139,11 @@ def cap_insertions(
     return capped, clipped
 
 
-def rows_of(ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None, name: str) -> list[list[int]]:
-    """Token lists of a padded tensor (`attention_mask` picks the real tokens) or of a list of lists."""
+def rows_of(
+    ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | None, name: str, vocab_size: int | None = None
+) -> list[list[int]]:
+    """Token lists of a padded tensor (`attention_mask` picks the real tokens) or of a list of lists; with
+    `vocab_size`, every id must lie in `0..vocab_size - 1` (else the embedding lookup fails deep in the sampler)."""
     if isinstance(ids, torch.Tensor):
         if ids.dim() == 1:
             ids = ids[None]
@@ -150,6 +154,12 @@ def rows_of(ids: torch.Tensor | list[list[int]], attention_mask: torch.Tensor | 
         rows = [list(map(int, r)) for r in ids]
     if not rows:
         raise ValueError(f"{name} is an empty batch; pass at least one sequence.")
+    bad = [(i, t) for i, row in enumerate(rows) for t in row if vocab_size is not None and not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(
+            f"{name}[{bad[0][0]}] holds the id {bad[0][1]}, outside the vocabulary 0..{vocab_size - 1}; tokenize with "
+            "the model's tokenizer (pad with attention_mask, not with -100)."
+        )
     return rows
 
 

@@ -13,6 +13,27 @@ import torch
 
 SCHEDULES = ("linear", "cosine", "exponential", "p-linear", "clipped")
 MASK_SHARES = ("schedule", "uniform")
+MAX_NUM_STEPS = 65536
+"""Largest horizon `K` of any schedule table (`[F(0..K)]`: at most 512 KiB). The samplers run K + 1 steps whatever
+happens in them (a step that inserts nothing still draws every open gap's count); a sequence of at most `max_length`
+tokens changes in at most `max_length - 2` of them, so K far above `max_length` only refines the schedule's time grid,
+at a cost linear in K (100000 steps: about 40 s for one 64-token sequence on a CPU). 65536 is 64 x the longest paper
+context. The NELBO paths take one uniform step per sequence, but a K of 10^9 would allocate an 8 GB table first."""
+
+
+def check_num_steps(num_steps: object, name: str = "num_steps") -> int:
+    """`num_steps` as a horizon `K`: an integer (not a bool) with `1 <= K <= MAX_NUM_STEPS`, else a ValueError naming
+    `name`. Every path that builds a schedule table (sampling, the NELBO, the calibration, the training horizons)
+    checks it here first, before anything of size `K` is allocated."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"{name} must be an integer >= 1 (the number of reverse steps K), got {num_steps!r}.")
+    if num_steps > MAX_NUM_STEPS:
+        raise ValueError(
+            f"{name}={num_steps} is above the limit of {MAX_NUM_STEPS} (MAX_NUM_STEPS): every step costs time "
+            "whether or not it changes anything, and a sequence of L tokens changes in at most L - 2 steps, so more "
+            f"steps only refine the schedule's time grid. Use {name} <= the sequence length (at most {MAX_NUM_STEPS})."
+        )
+    return num_steps
 
 
 @dataclass(frozen=True)
@@ -62,9 +83,8 @@ class RevealSchedule:
         return torch.where(t >= 1.0, torch.ones_like(f), f)  # F(K) = 1 exactly
 
     def table(self, num_steps: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """`[F(0), ..., F(K)]` as a float64 tensor of shape `[K + 1]`."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+        """`[F(0), ..., F(K)]` as a float64 tensor of shape `[K + 1]`, `1 <= K <= MAX_NUM_STEPS`."""
+        check_num_steps(num_steps)
         return self(torch.arange(num_steps + 1, device=device), num_steps)
 
 
@@ -127,7 +147,9 @@ class NoiseLevelSampler:
         self.families = tuple(get_schedule(f) for f in self.families)
         if not self.families:
             raise ValueError("NoiseLevelSampler needs at least one schedule family.")
-        if not 1 <= self.min_steps <= self.max_steps:
+        check_num_steps(self.min_steps, "min_steps")
+        check_num_steps(self.max_steps, "max_steps")
+        if self.min_steps > self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}.")
         if not 0.0 <= self.beta < self.omega <= 1.0:
             raise ValueError(f"need 0 <= beta < omega <= 1, got beta={self.beta}, omega={self.omega}.")
@@ -168,6 +190,8 @@ class NoiseLevelSampler:
 __all__ = [
     "SCHEDULES",
     "MASK_SHARES",
+    "MAX_NUM_STEPS",
+    "check_num_steps",
     "RevealSchedule",
     "get_schedule",
     "reveal_probability",

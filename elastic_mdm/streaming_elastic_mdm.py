@@ -1,12 +1,16 @@
 """Streaming for `generate(streamer=...)`: a Transformers `BaseStreamer` fed with per-step drafts.
 
 The call order is DiffusionGemma's: the fixed prefix of every input once, a draft after every step that runs a pass
-(when the streamer has `put_draft`), the final tokens, then `end()`. See `DraftStream`.
+(when the streamer has `put_draft`), the final tokens, then `end()`. See `DraftStream`. `ends_stream` makes `end()`
+the last call on every exit of `generate`, an error included: a consumer of a `TextIteratorStreamer` never blocks.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.generation.streamers import BaseStreamer
@@ -26,6 +30,46 @@ def check_streamer(streamer: object) -> None:
             f"without {' and '.join(missing)}; pass e.g. transformers.TextStreamer(tokenizer) or "
             "TextDiffusionStreamer(tokenizer)."
         )
+
+
+class EndOnce:
+    """A streamer seen through a wrapper whose `end()` reaches it once: the first call ends it, later ones do nothing.
+    Every other attribute (`put`, `put_draft`, ...) is the streamer's own, so `put_draft` exists exactly when the
+    streamer has it."""
+
+    def __init__(self, streamer: BaseStreamer) -> None:
+        self.streamer, self.ended = streamer, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.streamer, name)
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.streamer.end()
+
+
+def ends_stream(generate: Callable) -> Callable:
+    """Wrap a `generate(self, ..., streamer=None, ...)` so that a streamer is checked (`check_streamer`) before
+    anything runs and gets `end()` exactly once on every exit: after the final tokens, and also when `generate`
+    raises (a validation error, a `put` / `put_draft` of the streamer that raises, an interrupt). The error itself
+    propagates unchanged."""
+    signature = inspect.signature(generate)
+
+    @functools.wraps(generate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        streamer = bound.arguments.get("streamer")
+        if streamer is None:
+            return generate(*args, **kwargs)
+        check_streamer(streamer)
+        bound.arguments["streamer"] = once = EndOnce(streamer)
+        try:
+            return generate(*bound.args, **bound.kwargs)
+        finally:
+            once.end()
+
+    return wrapper
 
 
 class DraftStream:

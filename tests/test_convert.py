@@ -372,9 +372,9 @@ def test_new_gap_head_is_initialised_by_init_weights(tmp_path: Path) -> None:
     src, _, _ = llada_checkpoint(tmp_path / "llada")
     heads = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        out = saved_tensors(convert_llada_checkpoint(src, tmp_path / name, seed=seed, max_gap=40))
+        out = saved_tensors(convert_llada_checkpoint(src, tmp_path / name, seed=seed, max_gap=20))
         heads.append(out["gap_head.dense.weight"])
-        assert out["gap_head.out_proj.weight"].shape == (41, 32)
+        assert out["gap_head.out_proj.weight"].shape == (21, 32)
         assert not out["gap_head.dense.bias"].any() and not out["gap_head.out_proj.bias"].any()
         assert 0.015 < out["gap_head.dense.weight"].std() < 0.025
     assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
@@ -568,14 +568,14 @@ def test_cli_scripts(tmp_path: Path, monkeypatch, capsys) -> None:
         str(tmp_path / "out"),
         "--adaln",
         "true",
-        "--max_gap=30",
+        "--max_gap=20",
         "--dtype",
         "bfloat16",
     ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO_ROOT / "scripts" / "convert_llada.py"), run_name="__main__")
     config = ElasticMDMConfig.from_pretrained(tmp_path / "out")
-    assert config.adaln and config.max_gap == 30 and config.dtype == torch.bfloat16
+    assert config.adaln and config.max_gap == 20 and config.dtype == torch.bfloat16
     assert "Wrote the Elastic-MDM checkpoint" in capsys.readouterr().out
     mdlm, _, _ = mdlm_checkpoint(tmp_path / "mdlm")
     monkeypatch.setattr(sys, "argv", ["convert_mdlm.py", str(mdlm), str(tmp_path / "m"), "--objective", "elastic"])

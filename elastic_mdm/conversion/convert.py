@@ -40,7 +40,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint_io import SourceCheckpoint, resolve_source
+from ..loading.checkpoints import model_artefacts
+from .checkpoint_io import TOKENIZER_FILES, SourceCheckpoint, resolve_source
 from .formats import SourceFormat, translate
 from .llada import LLADA
 from .mdlm import MDLM
@@ -54,15 +55,20 @@ FORMATS = (MDLM, LLADA)
 
 
 def prepare_destination(dst: Path, source_folder: Path, overwrite: bool) -> None:
-    """Create `dst`; a non-empty one only with `overwrite` (its old weight files are removed), never the source."""
+    """Create `dst`; a non-empty one only with `overwrite`, never the source. Overwriting removes the files of the
+    model `dst` held (weights, shards, adapter, config: `loading.checkpoints.MODEL_ARTEFACTS`) and its tokenizer
+    files, so that nothing of the old model is left next to the new one (a source without a tokenizer would otherwise
+    leave the old tokenizer beside the new weights)."""
     dst = dst.expanduser().resolve()
     if dst == source_folder.resolve():
         raise ValueError(f"dst={dst} is the source folder; write the converted model elsewhere.")
     if dst.is_dir() and any(dst.iterdir()):
         if not overwrite:
             raise ValueError(f"{dst} is not empty; choose an empty folder or pass overwrite=True.")
-        for stale in [*dst.glob("*.safetensors"), *dst.glob("*.safetensors.index.json")]:
-            stale.unlink()
+        stale = [dst / name for name in (*model_artefacts(dst), *TOKENIZER_FILES)]
+        for path in [*stale, *dst.glob("*.safetensors")]:
+            if path.is_file():
+                path.unlink()
     dst.mkdir(parents=True, exist_ok=True)
 
 

@@ -39,7 +39,9 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from ..generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from ..loading.checkpoints import load_checkpoint, local_or_hub, saved_tokenizer
+from ..schedules import check_num_steps
 from ..training.arguments import DataArguments
 from ..training.corpus import length_statistics, load_datasets
 from ..training.objectives import get_objective
@@ -105,7 +107,10 @@ class EvaluationArguments:
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
             raise ValueError(f"Unknown metrics {unknown}; use some of {METRICS}.")
-        counts = ("num_steps", "eval_batch_size", "calibration_bins", "sample_batch_size", "gen_ppl_batch_size")
+        check_num_steps(self.num_steps, "--num_steps")  # before any model loads or any table is built
+        for steps in self.sweep_steps:
+            check_num_steps(steps, "--sweep_steps")
+        counts = ("eval_batch_size", "calibration_bins", "sample_batch_size", "gen_ppl_batch_size")
         for name in counts + ("num_per_template", "mdlm_gap_budget", "nelbo_draws"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
@@ -113,10 +118,39 @@ class EvaluationArguments:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"--{name} must be >= 0, got {value} (0 turns it off).")
+        self.extra_generate_kwargs()  # a bad --generate_kwargs fails here, before any checkpoint loads
+
+    def extra_generate_kwargs(self) -> dict[str, Any]:
+        """`--generate_kwargs` as a dict of `generate()` options, checked: a JSON object whose keys are fields of
+        `ElasticMDMGenerationConfig` with valid values, none of them set by a flag of their own (`--num_steps`,
+        `--schedule`: the report states those, so a second value would be sampled with but not reported) nor by the
+        evaluation itself (the generator, the number of samples)."""
+        try:
+            extra = json.loads(self.generate_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--generate_kwargs is not JSON ({err}): {self.generate_kwargs!r}.") from err
+        if not isinstance(extra, dict):
+            raise ValueError(f"--generate_kwargs must be a JSON object of generate() options, got {extra!r}.")
+        own = {"num_steps": "--num_steps", "schedule": "--schedule", "num_return_sequences": "--num_samples",
+               "mdlm_gap_budget": "--mdlm_gap_budget", "generator": "--seed", "seed": "--seed"}  # fmt: skip
+        own.update({name: "set by the evaluation" for name in ("output_trajectory", "return_dict_in_generate")})
+        taken = sorted(name for name in extra if name in own)
+        if taken:
+            flags = ", ".join(f"{name} ({own[name]})" for name in taken)
+            raise ValueError(
+                f"--generate_kwargs sets {flags}, which the evaluation sets from its own flags (and reports); pass "
+                "those flags instead."
+            )
+        unknown = ElasticMDMGenerationConfig().update(**extra)  # validates the values too
+        if unknown:
+            raise ValueError(
+                f"--generate_kwargs has unknown generate() options {sorted(unknown)}; see ElasticMDMGenerationConfig."
+            )
+        return extra
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """`generate()` keywords of the samplers."""
-        return {"num_steps": self.num_steps, "schedule": self.schedule, **json.loads(self.generate_kwargs)}
+        return {"num_steps": self.num_steps, "schedule": self.schedule, **self.extra_generate_kwargs()}
 
 
 def parse_arguments(argv: list[str]) -> tuple[EvaluationArguments, DataArguments]:
@@ -145,7 +179,13 @@ def structured_tasks(args: EvaluationArguments, data_args: DataArguments, tokeni
         return []
     if source == BUILTIN:
         return builtin_structured_tasks(tokenizer)
-    return load_structured_tasks(source, tokenizer, args.max_structured_tasks, data_args.structured_schema_prompt)
+    tasks = load_structured_tasks(source, tokenizer, args.max_structured_tasks, data_args.structured_schema_prompt)
+    if not tasks and args.max_structured_tasks != 0:  # 0 turns the section off
+        raise ValueError(
+            f"--structured_tasks {source!r} holds no row, so the report would have no structured section; give a "
+            f"JSONL of {{schema, instance}} rows, '{BUILTIN}', or leave 'structured' out of --metrics."
+        )
+    return tasks
 
 
 def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, scorer, output_dir: Path) -> dict:

@@ -10,7 +10,6 @@ length `L` only when `#anchors + #gaps · budget <= L`.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 
 from ..training.json_templates import instance_template, json_template, template_ids, validate_text
 from ..training.objectives import get_objective
-from ..training.schema_prompts import prompt_text, with_schema_prompt
+from ..training.schema_prompts import iter_rows, prompt_text, with_schema_prompt
 from ..training.synthetic import SCHEMAS, template_token_ids
 from .samples import decode_samples
 
@@ -49,18 +48,16 @@ def load_structured_tasks(
     the instance (`instance_template`); rows without an instance use the schema's template (`json_template`:
     objects, arrays as one gap, strings, scalars). With `schema_prompt`, the compact schema text and a newline come
     first, as anchors (`training.schema_prompts`, the schema-only setting the model was trained on)."""
-    tasks = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            pieces = instance_template(row["instance"]) if "instance" in row else json_template(row["schema"])
-            ids = template_ids(tokenizer, with_schema_prompt(row["schema"], pieces, schema_prompt))
-            prompt = prompt_text(row["schema"]) if schema_prompt else ""
-            tasks.append(StructuredTask(row.get("name", f"row{i}"), ids, row["schema"], prompt))
-            if limit is not None and len(tasks) >= limit:
-                break
+    tasks: list[StructuredTask] = []
+    if limit == 0:
+        return tasks
+    for number, row in iter_rows(path, required=("schema",)):  # a bad line is an error naming the file and line
+        pieces = instance_template(row["instance"]) if "instance" in row else json_template(row["schema"])
+        ids = template_ids(tokenizer, with_schema_prompt(row["schema"], pieces, schema_prompt))
+        prompt = prompt_text(row["schema"]) if schema_prompt else ""
+        tasks.append(StructuredTask(row.get("name", f"row{number - 1}"), ids, row["schema"], prompt))
+        if limit is not None and len(tasks) >= limit:
+            break
     return tasks
 
 

@@ -39,6 +39,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..loading.checkpoints import load_model_and_tokenizer
+from ..schedules import check_num_steps
 from ..training.collators import TARGET_TOKENS
 from ..training.nelbo import elastic_nelbo_terms
 from ..training.objectives import get_objective, make_collator
@@ -91,6 +92,8 @@ class ElasticMDMLM(LM):
         **generate_kwargs: Any,
     ) -> None:
         super().__init__()
+        if nelbo_num_steps is not None:  # before the model loads; 0 is refused, never taken for "the default"
+            check_num_steps(nelbo_num_steps, "nelbo_num_steps")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if isinstance(pretrained, str):
             dtype = getattr(torch, dtype)
@@ -108,8 +111,8 @@ class ElasticMDMLM(LM):
         self.mc_samples = positive_int("mc_samples", mc_samples)
         self.max_gen_toks = positive_int("max_gen_toks", max_gen_toks)
         generation = self.model.generation_config
-        self.nelbo_num_steps = positive_int("nelbo_num_steps", nelbo_num_steps or generation.num_steps)
-        self.nelbo_schedule = nelbo_schedule or generation.schedule
+        self.nelbo_num_steps = generation.num_steps if nelbo_num_steps is None else nelbo_num_steps
+        self.nelbo_schedule = generation.schedule if nelbo_schedule is None else nelbo_schedule
         self.seed = int(seed)
         self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
         self.generate_kwargs = generate_kwargs

@@ -18,10 +18,30 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
+from transformers.utils import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
+
+from ..weights_elastic_mdm import non_finite_message
 
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE = "elastic_mdm"
+MODEL_ARTEFACTS = (
+    CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,  # full weights
+    "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin",  # their shards
+    ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME,  # a LoRA adapter (PEFT)
+    "global_step*", "latest",  # DeepSpeed engine states and the tag of the last one
+)  # fmt: skip
+"""Names (globs) of what a saved model consists of: Transformers' and PEFT's weight and config files and DeepSpeed's
+states. A folder holding any of them holds a model (`model_artefacts`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -66,6 +86,15 @@ def checkpoint_config(path: str, **kwargs: Any) -> dict[str, Any]:
     return config
 
 
+def model_artefacts(folder: str | os.PathLike) -> list[str]:
+    """The `MODEL_ARTEFACTS` in `folder` (sorted names; none if it is not a folder): what saving a model there would
+    overwrite, or leave behind next to the new weights."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted({path.name for pattern in MODEL_ARTEFACTS for path in folder.glob(pattern)})
+
+
 def check_model_type(config: dict[str, Any], name: str) -> None:
     """Refuse a checkpoint whose `model_type` is not `elastic_mdm` (our tools load nothing else)."""
     model_type = config.get("model_type")
@@ -78,14 +107,11 @@ def check_model_type(config: dict[str, Any], name: str) -> None:
 
 
 def check_finite_weights(model: torch.nn.Module, name: str = "the model") -> None:
-    """Raise a ValueError naming the first parameter or buffer of `model` holding NaN or infinity."""
-    for tensor_name, tensor in (*model.named_parameters(), *model.named_buffers()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(
-                f"{name} has non-finite weights: {tensor_name} holds {bad} NaN/inf values of {tensor.numel()}. "
-                "The checkpoint is corrupt (or training diverged): use an earlier checkpoint."
-            )
+    """Raise a ValueError naming the first parameter or buffer of `model` holding NaN or infinity (what the library's
+    `from_pretrained` only warns about, `weights_elastic_mdm.non_finite_message`)."""
+    message = non_finite_message(model, name)
+    if message is not None:
+        raise ValueError(message)
 
 
 def load_checkpoint(
@@ -159,6 +185,8 @@ __all__ = [
     "load_checkpoint_tokenizer",
     "load_model_and_tokenizer",
     "saved_tokenizer",
+    "MODEL_ARTEFACTS",
+    "model_artefacts",
     "check_model_type",
     "check_finite_weights",
 ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..configuration_elastic_mdm import OBJECTIVES
-from ..schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule
+from ..schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, check_num_steps
 
 SYNTHETIC_DATASET = "synthetic-json"
 TEXT_SAMPLE_BY = ("line", "paragraph", "document")
@@ -202,8 +202,7 @@ class ElasticMDMTrainingArguments(TrainingArguments):
             raise ValueError(f"schedule_families has unknown schedules {unknown}; use some of {SCHEDULES}.")
         if self.eval_schedule not in SCHEDULES:
             raise ValueError(f"eval_schedule={self.eval_schedule!r} is unknown; use one of {SCHEDULES}.")
-        if self.eval_num_steps < 1:
-            raise ValueError(f"eval_num_steps must be >= 1, got {self.eval_num_steps}.")
+        check_num_steps(self.eval_num_steps, "--eval_num_steps")
 
     def noise_sampler(self) -> NoiseLevelSampler:
         """The training-time randomisation of `(s, s')`."""

@@ -33,6 +33,7 @@ from .corpus import length_statistics, load_datasets
 from .lora import add_lora, merge_lora, save_merged_zero3
 from .objectives import get_objective
 from .outputs import check_output_dir, check_resume_checkpoint, check_resume_config
+from .schema_prompts import check_gap_budget
 from .tokenizer import check_vocab, data_tokenizer, ensure_special_tokens, sync_config_with_tokenizer
 from .trainer import ElasticMDMTrainer
 
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
 def check_training_paths(
     model_args: ModelArguments, data_args: DataArguments, training_args: ElasticMDMTrainingArguments
 ) -> None:
-    """Refuse an output folder that would overwrite a model or the run's source, and an inexact resume."""
+    """Refuse an output folder that would overwrite a model or the run's source, an inexact resume, and a
+    `--structured_gap_budget` the objective would misapply."""
     check_output_dir(
         training_args.output_dir,
         overwrite_output_dir=training_args.overwrite_output_dir,
@@ -159,6 +161,7 @@ def check_training_paths(
     )
     if training_args.resume_from_checkpoint:
         check_resume_checkpoint(training_args.resume_from_checkpoint)
+    check_gap_budget(data_args, training_args.objective)
 
 
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:

@@ -80,10 +80,16 @@ def corrupt_packed(
 
 
 def concat_sequences(
-    features: Sequence[dict[str, Any]], bos_token_id: int, eos_token_id: int, mask_token_id: int, max_length: int
+    features: Sequence[dict[str, Any]],
+    bos_token_id: int,
+    eos_token_id: int,
+    mask_token_id: int,
+    max_length: int,
+    vocab_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate the sequences (flat tokens `[N]`, anchor flags `[N]`, lengths `[B]`), refusing what the process
-    cannot model: an empty batch, a missing BOS/EOS, a mask token in clean data, a sequence over `max_length`."""
+    cannot model: an empty batch, a missing BOS/EOS, a mask token in clean data, an id outside `0..vocab_size - 1`
+    (`-100` padding included), a sequence over `max_length`. The features are host data: no device read."""
     if len(features) == 0:
         raise ValueError("The batch is empty: the collator got no features.")
     sequences = [torch.as_tensor(f["input_ids"], dtype=torch.long).flatten() for f in features]
@@ -102,8 +108,7 @@ def concat_sequences(
         raise ValueError(f"Every sequence must start with BOS ({bos_token_id}); tokenize with it added.")
     if bool((tokens[ends[1:] - 1] != eos_token_id).any()):
         raise ValueError(f"Every sequence must end with EOS ({eos_token_id}); tokenize with it added.")
-    if bool((tokens == mask_token_id).any()):
-        raise ValueError(f"A sequence contains the mask token ({mask_token_id}); clean data must not.")
+    check_clean_ids(sequences, tokens, mask_token_id, vocab_size)
     if all("anchor_mask" in f for f in features):
         masks = [torch.as_tensor(f["anchor_mask"]).flatten().bool() for f in features]
         for i, (anchor, seq) in enumerate(zip(masks, sequences, strict=True)):
@@ -120,6 +125,29 @@ def concat_sequences(
     anchors[ends[:-1]] = True  # BOS
     anchors[ends[1:] - 1] = True  # EOS
     return tokens, anchors, lengths
+
+
+def check_clean_ids(
+    sequences: list[torch.Tensor], tokens: torch.Tensor, mask_token_id: int, vocab_size: int | None
+) -> None:
+    """Refuse clean ids outside `0..vocab_size - 1` (negative ids such as `-100` always) and the mask token, naming
+    the first feature of the batch that holds one (`tokens` `[N]` is the concatenation of `sequences`, on the host)."""
+    high = torch.iinfo(torch.long).max if vocab_size is None else vocab_size
+    if not bool(((tokens < 0) | (tokens >= high) | (tokens == mask_token_id)).any()):
+        return
+    for i, seq in enumerate(sequences):
+        outside = seq[(seq < 0) | (seq >= high)]
+        if outside.numel():
+            vocabulary = "" if vocab_size is None else f" (the vocabulary is 0..{vocab_size - 1})"
+            raise ValueError(
+                f"Feature {i} of the batch holds the id {int(outside[0])}{vocabulary}: input_ids must be token ids "
+                "of the model's tokenizer (-100 pads labels, never input_ids)."
+            )
+        if bool((seq == mask_token_id).any()):
+            raise ValueError(
+                f"Feature {i} of the batch contains the mask token ({mask_token_id}); clean data must not (tokenize "
+                "text with split_special_tokens=True, so that a literal mask token in it stays text)."
+            )
 
 
 @dataclass
@@ -139,6 +167,7 @@ class PackingCollator:
     max_length: int
     seed: int | None = None
     defer_noise: bool = False
+    vocab_size: int | None = None  # with it, ids outside 0..vocab_size - 1 are refused (always: negative ids)
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +179,7 @@ class PackingCollator:
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
         tokens, anchors, lengths = concat_sequences(
-            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length
+            features, self.bos_token_id, self.eos_token_id, self.mask_token_id, self.max_length, self.vocab_size
         )
         clean = {
             "clean_ids": tokens,
@@ -254,6 +283,7 @@ __all__ = [
     "TARGET_TOKENS",
     "corrupt_packed",
     "concat_sequences",
+    "check_clean_ids",
     "PackingCollator",
     "ElasticMDMCollator",
     "MDLMCollator",

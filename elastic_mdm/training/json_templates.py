@@ -57,8 +57,9 @@ def _validator_of(schema_text: str) -> Any:
 
 
 def encode_piece(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    """Ids of `text` alone, without BOS/EOS."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Ids of `text` alone, without BOS/EOS; special tokens written in it (a literal `<mask>` in a JSON value) are
+    tokenized as text (`split_special_tokens=True`, as the corpus path), so that data never holds the mask id."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def json_template(schema: dict[str, Any]) -> list[str | None]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..packing import PackedSequences
-from ..schedules import RevealSchedule, get_schedule, reveal_probability
+from ..schedules import RevealSchedule, check_num_steps, get_schedule, reveal_probability
 from .collators import IGNORE_INDEX, TARGET_TOKENS, PackingCollator, corrupt_packed, draw
 
 
@@ -68,8 +68,7 @@ class ElasticNELBOCollator(PackingCollator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1 for the NELBO, got {self.num_steps}.")
+        check_num_steps(self.num_steps)  # before the [K + 1] table of apply_noise is ever built
         self.schedule = get_schedule(self.schedule)
 
     def apply_noise(self, clean: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> dict:

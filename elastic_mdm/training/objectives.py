@@ -121,6 +121,7 @@ def make_collator(
         max_length=config.max_position_embeddings if max_length is None else max_length,
         seed=seed,
         defer_noise=defer_noise,
+        vocab_size=config.vocab_size,
         **spec.collator_options(config, nelbo, noise_sampler, schedule, num_steps),
     )
 

@@ -16,18 +16,18 @@ from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from ..loading.checkpoints import checkpoint_config
+from ..loading.checkpoints import checkpoint_config, model_artefacts
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 SCHEDULER_FILES = ("scheduler.pt",)
 
 
 def holds_model(folder: Path) -> list[str]:
-    """What in `folder` a training run would overwrite or delete: model files and `checkpoint-*` folders."""
+    """What in `folder` a training run would overwrite or delete: any model artefact (config, full or sharded
+    weights, a LoRA adapter, DeepSpeed states: `loading.checkpoints.MODEL_ARTEFACTS`) and `checkpoint-*` folders."""
     if not folder.is_dir():
         return []
-    found = [name for name in MODEL_FILES if (folder / name).exists()]
+    found = model_artefacts(folder)
     found += sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir())
     return found
 

@@ -16,7 +16,7 @@ from its output).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,19 +67,27 @@ def structured_feature(
     return {"input_ids": ids, "anchor_mask": anchors}
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a `{"schema", "instance"}` JSONL file (blank lines skipped); a row without both keys is an
-    error naming its line."""
-    rows = []
+def iter_rows(path: str | Path, required: tuple[str, ...] = ("schema", "instance")) -> Iterator[tuple[int, dict]]:
+    """`(line number, row)` of every row of a JSONL file of `{"schema", "instance"}` objects (blank lines skipped).
+    A line that is not JSON, or a row that is not an object with the `required` keys, is a ValueError naming the file
+    and the line."""
     with open(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
-            if not isinstance(row, dict) or "schema" not in row or "instance" not in row:
-                raise ValueError(f"{path}:{number}: a structured row needs the keys 'schema' and 'instance'.")
-            rows.append(row)
-    return rows
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON line ({err.msg} at column {err.colno}).") from err
+            if not isinstance(row, dict) or any(key not in row for key in required):
+                keys = " and ".join(repr(key) for key in required)
+                raise ValueError(f"{path}:{number}: a structured row is a JSON object with the keys {keys}.")
+            yield number, row
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a `{"schema", "instance"}` JSONL file (`iter_rows`: errors name the file and line)."""
+    return [row for _, row in iter_rows(path)]
 
 
 def structured_features(
@@ -102,6 +110,28 @@ def structured_features(
         else:
             features.append(feature)
     return features, left_out
+
+
+def check_gap_budget(data_args, objective: str) -> None:
+    """Refuse a `--structured_gap_budget` that would be ignored or misapplied: it pads every value for the fixed
+    canvas of the MDLM baseline, so it needs `--structured_train_file` and a fixed-canvas objective (an Elastic-MDM
+    model learns the lengths the padding would erase, and the rows with a longer value would be dropped)."""
+    from .objectives import get_objective
+
+    budget = data_args.structured_gap_budget
+    if budget is None:
+        return
+    if not data_args.structured_train_file:
+        raise ValueError(
+            f"--structured_gap_budget {budget} pads the values of --structured_train_file rows; give that file, or "
+            "leave the budget unset."
+        )
+    if not get_objective(objective).fixed_canvas:
+        raise ValueError(
+            f"--structured_gap_budget {budget} is for the MDLM baseline (--objective mdlm, a fixed canvas of budget "
+            f"tokens per value); --objective {objective} learns each value's length, which the padding would erase "
+            "(and rows with a longer value would be dropped). Leave --structured_gap_budget unset."
+        )
 
 
 def structured_datasets(data_args, tokenizer, max_length: int) -> tuple[Any, Any]:
@@ -144,8 +174,10 @@ __all__ = [
     "with_schema_prompt",
     "structured_pieces",
     "structured_feature",
+    "iter_rows",
     "read_rows",
     "structured_features",
+    "check_gap_budget",
     "structured_datasets",
     "structured_dataset",
 ]
