@@ -178,6 +178,14 @@ class ElasticMDMTrainingArguments(TrainingArguments):
     eval_num_steps: int = field(default=128, metadata={"help": "K of the NELBO reported at evaluation."})
     eval_schedule: str = field(default="linear", metadata={"help": "Schedule of the NELBO reported at evaluation."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "The collators need every column."})
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP: search the autograd graph for unused parameters at every step. Not needed: both objectives "
+            "use every trainable parameter (MDLM freezes the gap head it never reads); Transformers' default (on "
+            "without gradient checkpointing) pays that search at every step."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -33,6 +33,34 @@ def evaluation_collator(objective: str, config, schedule: str, num_steps: int, s
     """The NELBO collator of the K-step process (`num_steps`, `schedule`) of a run seeded `seed`: its noise is
     seeded with `seed + 1`, so a checkpoint's held-out NELBO is the same number in training and afterwards."""
     return make_collator(objective, config, nelbo=True, schedule=schedule, num_steps=num_steps, seed=seed + 1)
+
+
+def freeze_gap_head(model: torch.nn.Module) -> None:
+    """Freeze the gap head (peft's trainable `modules_to_save` copy included) of a model trained without gaps (MDLM).
+
+    The MDLM loss never reads the gap head, so its parameters never get a gradient: frozen, the optimizer skips them
+    exactly as it skips a parameter whose `grad` is None (the same updates as before), and DDP has no parameter to
+    wait for; left trainable, DDP fails at the second step ("parameters that were not used in producing loss")
+    unless it searches the autograd graph for unused parameters at every step (`find_unused_parameters`)."""
+    for name, parameter in model.named_parameters():
+        if "gap_head" in name.split("."):
+            parameter.requires_grad_(False)
+
+
+def read_streams_per_process(args: ElasticMDMTrainingArguments) -> None:
+    """Every process reads and packs its own batches of a streamed (iterable) dataset: `dispatch_batches=False`.
+
+    accelerate's default for an `IterableDataset` is to dispatch: process 0 reads `num_processes` batches, concatenates
+    every tensor along dim 0 and slices it, which cuts a packed batch (`clean_ids` `[N]`, `clean_cu_seqlens` `[B + 1]`)
+    at the wrong places. Without dispatch each process iterates its own shard of the stream (the stream's own shards
+    when it has one per process, else every `num_processes`-th batch of examples: accelerate's `IterableDatasetShard`),
+    and the collator packs whole sequences on every process. An explicit `dispatch_batches=True` is refused."""
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError(
+            "accelerator_config.dispatch_batches=True slices the packed batches of a streamed dataset at the wrong "
+            "places; leave it unset (or false): every process then reads its own shard of the stream."
+        )
+    args.accelerator_config.dispatch_batches = False
 
 
 class TokensEncoded(TrainerCallback, ExportableState):
@@ -83,6 +111,10 @@ class ElasticMDMTrainer(Trainer):
         if args is None or not isinstance(args, ElasticMDMTrainingArguments):
             raise TypeError("ElasticMDMTrainer needs args=ElasticMDMTrainingArguments(...).")
         train_collator, self.eval_collator = make_collators(args, model.config)
+        if not get_objective(args.objective).learns_gaps:
+            freeze_gap_head(model)
+        if any(isinstance(kwargs.get(split), IterableDataset) for split in ("train_dataset", "eval_dataset")):
+            read_streams_per_process(args)
         model.config.objective = args.objective  # generate() samples with the matching sampler
         if args.gap_loss_weight is not None:
             model.config.gap_loss_weight = args.gap_loss_weight
@@ -253,6 +285,8 @@ __all__ = [
     "TokensEncoded",
     "make_collators",
     "evaluation_collator",
+    "freeze_gap_head",
+    "read_streams_per_process",
     "nelbo_metrics",
     "build_model_card",
 ]
