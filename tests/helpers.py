@@ -54,6 +54,18 @@ def tiny_model_for(tokenizer):
     return ElasticMDMForDiffusionLM(config).eval()
 
 
+def patch_host_read(monkeypatch, replacement) -> None:
+    """Replace `host_read` in every `elastic_mdm` module that imported it (the samplers' one device read per step)."""
+    from elastic_mdm.sampler_loop_elastic_mdm import host_read
+
+    for module in list(sys.modules.values()):
+        if (
+            getattr(module, "__name__", "").startswith("elastic_mdm")
+            and getattr(module, "host_read", None) is host_read
+        ):
+            monkeypatch.setattr(module, "host_read", replacement)
+
+
 class HostSyncRecorder:
     """Records the ops that read a device tensor back to the host (a stream sync on CUDA), seen on CPU through a
     `TorchDispatchMode`: `nonzero`, `.item()` / `int(t)` / `bool(t)`, boolean indexing, `masked_select`,
@@ -80,12 +92,7 @@ class HostSyncRecorder:
             finally:
                 recorder._in_read = False
 
-        for module in list(sys.modules.values()):  # every sampler module that imported `host_read`
-            if (
-                getattr(module, "__name__", "").startswith("elastic_mdm")
-                and getattr(module, "host_read", None) is plain_read
-            ):
-                monkeypatch.setattr(module, "host_read", counted_read)
+        patch_host_read(monkeypatch, counted_read)
         self.recording = not loop_only
         plain_range = generation.step_range
 
