@@ -116,20 +116,8 @@ class ElasticMDMGenerationMixin:
             raise ValueError(
                 f"An input has {max(input_lengths)} tokens with its anchors, more than max_length={max_length}."
             )
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_id
-        options = SamplerOptions(
-            mask_token_id=self.config.mask_token_id,
-            pad_token_id=pad,
-            max_length=max_length,
-            num_steps=config.num_steps,
-            schedule=config.reveal_schedule(),
-            token_processors=config.token_processors(self.device),
-            do_sample=bool(config.do_sample),
-            use_cache=bool(config.use_cache) and not self.config.time_conditioning,
-            generator=generator,
-            output_trajectory=config.output_trajectory,
-            progress_bar=config.progress_bar,
-        )
+        options = self._sampler_options(config, max_length, generator)
+        pad = options.pad_token_id
         denoiser = self._cuda_graph_denoiser(pad) if config.cuda_graphs else self
         budget = self._mdlm_gap_budget(config, template_ids is not None) if self.config.objective == "mdlm" else None
         stream = DraftStream(streamer, state, pad) if streamer is not None else None  # every check ran before
@@ -169,6 +157,25 @@ class ElasticMDMGenerationMixin:
         if config.num_return_sequences is None:
             config.num_return_sequences = 1
         return config
+
+    def _sampler_options(
+        self, config: ElasticMDMGenerationConfig, max_length: int, generator: torch.Generator | None
+    ) -> SamplerOptions:
+        """The `SamplerOptions` of a resolved `config` (what `generate()` and the server's requests run with)."""
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.eos_token_id
+        return SamplerOptions(
+            mask_token_id=self.config.mask_token_id,
+            pad_token_id=pad,
+            max_length=max_length,
+            num_steps=config.num_steps,
+            schedule=config.reveal_schedule(),
+            token_processors=config.token_processors(self.device),
+            do_sample=bool(config.do_sample),
+            use_cache=bool(config.use_cache) and not self.config.time_conditioning,
+            generator=generator,
+            output_trajectory=config.output_trajectory,
+            progress_bar=config.progress_bar,
+        )
 
     def _cuda_graph_denoiser(self, pad_token_id: int) -> CUDAGraphDenoiser:
         """The model's bounded graph cache, kept across calls (`cuda_graphs.model_graph_denoiser`)."""
