@@ -4,6 +4,8 @@ CUDA graph replay itself is checked on a GPU (`-m gpu`)."""
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from helpers import EOS, MASK, PAD, tiny_config
@@ -159,38 +161,88 @@ def test_graphs_need_cuda() -> None:
         CUDAGraphDenoiser(model, PAD).diffusion_features(torch.tensor([1, MASK, EOS]), packed, torch.ones(1))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("attn", ["sdpa", "varlen_attn"])
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
-def test_cuda_graph_replay_matches_eager(dtype, attn: str) -> None:
-    """On CUDA: replayed passes equal eager ones (empty sequences included), the oracle samplers give identical
-    trajectories through graphs, a bucket is captured once and replayed afterwards, and generate(cuda_graphs=True)
-    runs."""
+PRECISIONS = {  # (weights dtype, autocast dtype, tolerance of a replay against the eager padded pass)
+    "fp32": (torch.float32, None, 1e-5),
+    "bf16-autocast": (torch.float32, torch.bfloat16, 1e-2),  # fp32 weights re-cast at every replay (warned)
+    "bf16-weights": (torch.bfloat16, torch.bfloat16, 1e-2),  # cast once: what the benchmarks time
+}
+
+
+def gpu_model(attn: str, precision: str, time_conditioning: bool, device: str = "cuda") -> ElasticMDMForDiffusionLM:
+    """The oracle-sized random model on `device`, its weights perturbed (so that every block mixes its sequence:
+    padding leaks and stale replays show), in the weights dtype of `precision`."""
+    if attn == "flash_attention_2":
+        pytest.importorskip("flash_attn")
     config = oracle_config(64, 2, 2, VOCAB, LENGTH)
-    config._attn_implementation = attn
-    model = random_model(config, device="cuda", seed=0)
-    graphs = CUDAGraphDenoiser(model, model.config.eos_token_id, granularity=16)
-    autocast = torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
+    config._attn_implementation, config.time_conditioning = attn, time_conditioning
+    model = perturbed(random_model(config, device=device, seed=0))
+    return model.to(PRECISIONS[precision][0])
+
+
+def autocast_of(precision: str):
+    dtype = PRECISIONS[precision][1]
+    return torch.autocast("cuda", dtype=dtype) if dtype else torch.autocast("cuda", enabled=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore:CUDA graphs captured under")  # bf16-autocast: fp32 weights, re-cast (warned)
+@pytest.mark.parametrize("time_conditioning", [False, True], ids=["plain", "time-conditioned"])
+@pytest.mark.parametrize("attn", ["sdpa", "varlen_attn", "flash_attention_2"])
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_cuda_graph_replay_matches_eager(precision: str, attn: str, time_conditioning: bool) -> None:
+    """On CUDA, a perturbed model: every replayed pass equals the eager padded pass of ITS inputs (several inputs of
+    one bucket, empty sequences included), also after a call under `inference_mode`; the oracle samplers give
+    identical trajectories through graphs; generate(cuda_graphs=True) samples what the same padded passes give
+    eagerly (fp32), and its graph count stays bounded over calls of other batch sizes."""
+    model = gpu_model(attn, precision, time_conditioning)
+    pad, tolerance = model.config.eos_token_id, PRECISIONS[precision][2]
+    graphs = CUDAGraphDenoiser(model, pad, granularity=16)
+    generator = torch.Generator("cuda").manual_seed(0)
     lengths = torch.tensor([5, 17, 0, 2], device="cuda")
     packed = PackedSequences.from_lengths(lengths)
-    ids = torch.randint(0, VOCAB - 2, (24,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    level = torch.rand(4, device="cuda")
-    with torch.no_grad(), autocast:
-        eager = StaticShapeDenoiser(model, model.config.eos_token_id, 16).diffusion_features(ids, packed, level)
-        first = graphs.diffusion_features(ids, packed, level)
-        second = graphs.diffusion_features(ids.flip(0), packed, level)  # same bucket: replayed, not captured
-    assert len(graphs.graphs) == 1
-    torch.testing.assert_close(first, eager, atol=1e-5, rtol=1e-5)
-    assert not torch.equal(first, second)
+    with torch.no_grad(), autocast_of(precision):
+        replays = []
+        for replay in range(3):
+            ids = torch.randint(0, VOCAB - 2, (24,), device="cuda", generator=generator)
+            level = torch.rand(4, device="cuda", generator=generator)
+            eager = StaticShapeDenoiser(model, pad, 16).diffusion_features(ids, packed, level)
+            with torch.inference_mode() if replay == 1 else torch.no_grad():
+                replays.append(graphs.diffusion_features(ids, packed, level))
+            torch.testing.assert_close(replays[-1], eager, atol=tolerance, rtol=tolerance)
+    assert len(graphs.graphs) == 1 and not torch.equal(replays[0], replays[1])
     setup = oracle_setup(
         model, torch.tensor([0, 3, 20, LENGTH - 2]), num_steps=12, schedule=get_schedule("linear"), seed=3,
-        autocast_dtype=dtype,
+        autocast_dtype=PRECISIONS[precision][1],
     )  # fmt: skip
     cached = {}
     for variant in VARIANTS:
         plain = setup.run(variant)
         graphed = setup.run(variant, lambda d: cached.setdefault(id(d), CUDAGraphDenoiser(d, PAD, granularity=16)))
         assert torch.equal(plain.sequences, graphed.sequences) and torch.equal(plain.lengths, graphed.lengths)
-    out = model.generate(num_return_sequences=3, num_steps=8, seed=0, cuda_graphs=True, return_dict_in_generate=True)
-    sequences, lengths = out.sequences, out.lengths
-    assert sequences.shape[0] == 3 and (lengths >= 2).all()
+    kwargs = dict(num_steps=8, seed=0, max_length=LENGTH, return_dict_in_generate=True)
+    for batch in (3, 1, 6, 3):
+        out = model.generate(num_return_sequences=batch, cuda_graphs=True, **kwargs)
+        assert out.sequences.shape[0] == batch and (out.lengths >= 2).all()
+        if precision == "fp32":
+            with patch.object(model, "_cuda_graph_denoiser", lambda pad_id: StaticShapeDenoiser(model, pad_id)):
+                same = model.generate(num_return_sequences=batch, cuda_graphs=True, **kwargs)
+            assert torch.equal(out.sequences, same.sequences) and torch.equal(out.lengths, same.lengths)
+    denoiser = model._cuda_graph_denoiser(pad)
+    assert 0 < len(denoiser.graphs) <= denoiser.max_graphs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graphs_on_a_second_device() -> None:
+    """A model on `cuda:1` while `cuda:0` is current: graphs, streams and pool belong to `cuda:1` and replays equal
+    eager passes."""
+    model = gpu_model("sdpa", "fp32", False, device="cuda:1")
+    graphs = CUDAGraphDenoiser(model, model.config.eos_token_id, granularity=16)
+    packed = PackedSequences.from_lengths(torch.tensor([5, 17, 2], device="cuda:1"))
+    ids = torch.randint(0, VOCAB - 2, (24,), device="cuda:1")
+    level = torch.rand(3, device="cuda:1")
+    with torch.no_grad(), torch.cuda.device(0):
+        eager = StaticShapeDenoiser(model, model.config.eos_token_id, 16).diffusion_features(ids, packed, level)
+        for _ in range(2):
+            torch.testing.assert_close(graphs.diffusion_features(ids, packed, level), eager, atol=1e-5, rtol=1e-5)
+    assert {key[1] for key in graphs.graphs} == {torch.device("cuda:1")}
