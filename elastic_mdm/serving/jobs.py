@@ -157,9 +157,9 @@ def draft_texts(job: Job, tokenizer, sequences: list[torch.Tensor], eos: int) ->
     """Every choice's draft after a step: its text so far (a mask not revealed yet, MDLM only, shows as the
     tokenizer's mask token) and its token pieces (`separator.join(pieces) == text` when the tokenizer allows it,
     else one piece)."""
-    drafts = []
+    drafts, hidden = [], set(tokenizer.all_special_ids) - {tokenizer.mask_token_id}
     for row, sequence in enumerate(sequences):
-        ids = gap_ids(job, row, sequence.tolist(), eos)
+        ids = [i for i in gap_ids(job, row, sequence.tolist(), eos) if i not in hidden]
         text = tokenizer.decode(ids, skip_special_tokens=False)
         pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
         separator = next((sep for sep in ("", " ") if sep.join(pieces) == text), None)
