@@ -66,8 +66,15 @@ def test_train_refuses_a_folder_holding_a_trained_adapter_before_any_work(tmp_pa
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_schedule_table_is_bounded_before_it_is_allocated() -> None:
+def test_schedule_table_is_bounded_before_it_is_allocated(monkeypatch) -> None:
     assert RevealSchedule().table(MAX_NUM_STEPS).shape == (MAX_NUM_STEPS + 1,)
+    arange = torch.arange
+
+    def guarded(end, *args, **kwargs):  # a regression fails here instead of allocating 16 GB
+        assert end <= MAX_NUM_STEPS + 1, f"a table of {end} entries was allocated before the bound was checked"
+        return arange(end, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "arange", guarded)
     with pytest.raises(ValueError, match=f"num_steps={TOO_MANY} is above the limit of {MAX_NUM_STEPS}"):
         RevealSchedule().table(TOO_MANY)
 
