@@ -161,10 +161,10 @@ def test_graphs_need_cuda() -> None:
         CUDAGraphDenoiser(model, PAD).diffusion_features(torch.tensor([1, MASK, EOS]), packed, torch.ones(1))
 
 
-PRECISIONS = {  # (weights dtype, autocast dtype, tolerance of a replay against the eager padded pass)
-    "fp32": (torch.float32, None, 1e-5),
-    "bf16-autocast": (torch.float32, torch.bfloat16, 1e-2),  # fp32 weights re-cast at every replay (warned)
-    "bf16-weights": (torch.bfloat16, torch.bfloat16, 1e-2),  # cast once: what the benchmarks time
+PRECISIONS = {  # (weights dtype, autocast dtype, tolerance against the eager padded pass, against the unpadded one)
+    "fp32": (torch.float32, None, 1e-5, 1e-4),
+    "bf16-autocast": (torch.float32, torch.bfloat16, 1e-2, 5e-2),  # fp32 weights re-cast at every replay (warned)
+    "bf16-weights": (torch.bfloat16, torch.bfloat16, 1e-2, 5e-2),  # cast once: what the benchmarks time
 }
 
 
@@ -191,11 +191,12 @@ def autocast_of(precision: str):
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 def test_cuda_graph_replay_matches_eager(precision: str, attn: str, time_conditioning: bool) -> None:
     """On CUDA, a perturbed model: every replayed pass equals the eager padded pass of ITS inputs (several inputs of
-    one bucket, empty sequences included), also after a call under `inference_mode`; the oracle samplers give
+    one bucket, empty sequences included), also after a call under `inference_mode`, and the unpadded pass up to
+    the round-off of another shape (no padding leaks through this attention kernel); the oracle samplers give
     identical trajectories through graphs; generate(cuda_graphs=True) samples what the same padded passes give
     eagerly (fp32), and its graph count stays bounded over calls of other batch sizes."""
     model = gpu_model(attn, precision, time_conditioning)
-    pad, tolerance = model.config.eos_token_id, PRECISIONS[precision][2]
+    pad, (tolerance, unpadded_tolerance) = model.config.eos_token_id, PRECISIONS[precision][2:]
     graphs = CUDAGraphDenoiser(model, pad, granularity=16)
     generator = torch.Generator("cuda").manual_seed(0)
     lengths = torch.tensor([5, 17, 0, 2], device="cuda")
@@ -209,6 +210,8 @@ def test_cuda_graph_replay_matches_eager(precision: str, attn: str, time_conditi
             with torch.inference_mode() if replay == 1 else torch.no_grad():
                 replays.append(graphs.diffusion_features(ids, packed, level))
             torch.testing.assert_close(replays[-1], eager, atol=tolerance, rtol=tolerance)
+            unpadded = model.diffusion_features(ids, packed, level)
+            torch.testing.assert_close(replays[-1], unpadded, atol=unpadded_tolerance, rtol=unpadded_tolerance)
     assert len(graphs.graphs) == 1 and not torch.equal(replays[0], replays[1])
     setup = oracle_setup(
         model, torch.tensor([0, 3, 20, LENGTH - 2]), num_steps=12, schedule=get_schedule("linear"), seed=3,
