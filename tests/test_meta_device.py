@@ -148,8 +148,9 @@ def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3) -> MetaR
             "mdlm",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="sampler_mdlm_elastic_mdm.py mdlm_canvas: int(body.lengths.max()) reads the device before "
-                "the step loop, outside host_read (the canvas check could ride in the first host_read)",
+                reason="sampler_mdlm_elastic_mdm.py mdlm_canvas (MDLMStepper.add) reads the device before the "
+                "first step, outside host_read: torch.equal(anchors.open_after, is_last.roll(-1)) and "
+                "int(body.lengths.max())",
             ),
         ),
     ],
@@ -164,9 +165,9 @@ def test_step_loops_run_on_meta(monkeypatch, sampler: str, graphs: bool) -> None
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the output reads the device outside host_read: SamplingLoop.output (sampler_loop_elastic_mdm.py) splits "
-    "the final state with ActiveState.split, which calls self.lengths.tolist() (sampling_state_elastic_mdm.py:77); "
-    "MDLM also reads in mdlm_canvas (int(body.lengths.max())) and cut_at_first_eos (nonzero)",
+    reason="the output reads the device outside host_read: Stepper.output_of (stepper_elastic_mdm.py) pads "
+    "ActiveState.split(on_device=True), which calls self.lengths.tolist() (sampling_state_elastic_mdm.py); MDLM "
+    "also reads in mdlm_canvas (torch.equal, int(body.lengths.max())) and cut_at_first_eos (nonzero)",
 )
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_whole_sampler_runs_on_meta(monkeypatch, sampler: str) -> None:
