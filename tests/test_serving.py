@@ -347,3 +347,23 @@ def test_full_queue_is_a_429_with_retry_after_and_a_deadline_a_504(small_server)
     running_late = post(small_server, "/v1/completions", {**LONG, "stream": False, "timeout": 0.5}, None)
     assert running_late.status_code == 504 and small_server.healthy()
     assert small_server.metric("elastic_mdm_queue_depth") == 0
+
+
+def test_the_remote_code_root_never_imports_the_server() -> None:
+    """The package root is what a checkpoint ships as remote code: none of its modules imports the serving
+    subpackage or its web stack."""
+    import ast
+
+    import elastic_mdm
+
+    banned = ("fastapi", "uvicorn", "sse_starlette", "prometheus_client", "openai", "httpx")
+    for path in Path(elastic_mdm.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.lstrip(".").startswith(("serving", *banned)), f"{path.name} imports {name}"

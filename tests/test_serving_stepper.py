@@ -102,6 +102,8 @@ def test_prompts_of_different_caps_run_as_one_batch(monkeypatch, objective) -> N
     if objective == "elastic":
         assert 8 < recorder.reads <= 1 + 2 * 8  # one per step, and one more on a capped step
         assert bool(out.hit_max_length.any())
+    else:
+        assert recorder.reads == 1 + 8  # the canvas, then one per step
 
 
 def test_a_cancelled_cohort_leaves_at_the_next_step(model) -> None:
@@ -121,4 +123,22 @@ def test_a_cancelled_cohort_leaves_at_the_next_step(model) -> None:
 def test_an_empty_stepper_steps_nothing(model) -> None:
     stepper = ElasticStepper(model)
     stepper.step()
-    assert stepper.collect() == [] and stepper.num_passes == 0 and isinstance(ActiveState, type)
+    assert stepper.collect() == [] and stepper.num_passes == 0
+
+
+@pytest.mark.parametrize("stepper_class", [ElasticStepper, MDLMStepper])
+def test_cohorts_sharing_a_batch_read_the_device_once_per_step(monkeypatch, stepper_class) -> None:
+    """Two cohorts at different steps: still one `host_read` per step (their counts ride in the same read) and no
+    other read-back inside a step; joining and collecting read outside the steps."""
+    model = random_model(objective="mdlm" if stepper_class is MDLMStepper else "elastic")
+    kwargs = {"eos_token_id": 2} if stepper_class is MDLMStepper else {}
+    stepper = stepper_class(model)
+    stepper.add(prompts(model, [[BOS, 5]], 2), options(0, 8, max_length=24), **kwargs)
+    stepper.step()
+    stepper.add(prompts(model, [[BOS, 6, 7]], 3), options(1, 8, max_length=24), **kwargs)
+    with HostSyncRecorder(monkeypatch) as recorder:
+        for _ in range(6):
+            stepper.step()
+    assert recorder.syncs == [] and recorder.reads == 6
+    state: ActiveState = stepper.state
+    assert state.lengths.numel() == 5
