@@ -85,8 +85,8 @@ class DraftStream:
       its prefix, as it stands after the step's fill. Elastic-MDM: no mask ever shows, since a step fills every mask
       the step before inserted; the draft grows between calls by the positions each step opens (unfilled, they
       are not shown). MDLM: the fixed canvas, with `mask_token_id` at the positions not revealed yet (a tokenizer
-      decodes it as its mask token; `skip_special_tokens=True` hides it). With `max_new_tokens` and inputs of
-      different lengths the sampler runs once per length cap: the rows of the other runs keep their last draft.
+      decodes it as its mask token; `skip_special_tokens=True` hides it). Every draft holds the whole batch (inputs
+      of different lengths with `max_new_tokens` run as one batch, each sequence under its own cap).
     * `put(value=rest)` once with the final tokens after the prefix (up to each sequence's length), then `end()`.
 
     Drafts cost one device-to-host copy per step; without a streamer the samplers make no such read."""
