@@ -1,5 +1,6 @@
 """The samplers and the captured region of a CUDA graph on the `meta` device (docs/design.md §8): tensors without
-data, so a host read fails, and a `TorchDispatchMode` that sees every op flags any op that mixes devices. What this
+data, so a host read fails, and a `TorchDispatchMode` that sees every op flags any op that mixes devices (a
+`TorchFunctionMode` adds the tensors built from host data on the device, which the dispatcher does not see). What this
 finds on a CPU is what would sync, copy or fail on a GPU: a CPU tensor built inside a step and moved to the device
 (a host-to-device copy per step), a device tensor read back, an op mixing a CPU and a device tensor.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 from helpers import BOS, EOS, MASK, PAD, HostSyncRecorder, patch_host_read, random_model
 from test_fake_cuda_graphs import FakeGraphCalls
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -30,7 +33,7 @@ import elastic_mdm.sampler_mdlm_elastic_mdm as sampler_mdlm
 from elastic_mdm import cuda_graphs
 from elastic_mdm.cuda_graphs import CUDAGraphDenoiser
 from elastic_mdm.packing import PackedSequences
-from elastic_mdm.sampler_elastic_mdm import sample_elastic
+from elastic_mdm.sampler_elastic_mdm import ElasticStepper, sample_elastic
 from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions, host_read
 from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
@@ -67,6 +70,25 @@ class DeviceCheck(TorchDispatchMode):
         return out
 
 
+class HostDataCheck(TorchFunctionMode):
+    """Flags tensors built from host data on the device (`torch.tensor(list, device=...)`: a host-to-device copy,
+    which on CUDA waits for the stream), while `check` records. The dispatcher never sees the host data."""
+
+    BUILDERS = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __init__(self, check: DeviceCheck) -> None:
+        super().__init__()
+        self.check = check
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.check.recording and func in self.BUILDERS and not isinstance(args[0], torch.Tensor):
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type != "cpu":
+                self.check.violations.append(f"{func.__name__}(host data, device={device}) at {caller()}")
+        return func(*args, **kwargs)
+
+
 def caller() -> str:
     """`file:line function` of the innermost `elastic_mdm` frame of the current stack."""
     frames = [f for f in traceback.extract_stack() if f"{os.sep}elastic_mdm{os.sep}" in f.filename]
@@ -89,6 +111,38 @@ SAMPLERS = {
 }
 
 
+def meta_options(num_steps: int, generator: torch.Generator | None) -> SamplerOptions:
+    return SamplerOptions(
+        mask_token_id=MASK, pad_token_id=PAD, max_length=24, num_steps=num_steps, schedule=get_schedule("linear"),
+        generator=generator,
+    )  # fmt: skip
+
+
+class ReadTape:
+    """`host_read` recorded on the host run (`record()`), then its answers given back in order on the meta run
+    (`replay()`), where it checks that it reads device tensors."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.monkeypatch, self.values, self.replayed = monkeypatch, [], 0
+
+    def record(self) -> None:
+        def recorded(*tensors: torch.Tensor) -> list[int]:
+            self.values.append(host_read(*tensors))
+            return self.values[-1]
+
+        patch_host_read(self.monkeypatch, recorded)
+
+    def replay(self) -> None:
+        answers = iter(self.values)
+
+        def replayed(*tensors: torch.Tensor) -> list[int]:
+            assert all(t.device == META for t in tensors), [t.device for t in tensors]
+            self.replayed += 1
+            return next(answers)
+
+        patch_host_read(self.monkeypatch, replayed)
+
+
 @dataclass
 class MetaRun:
     """A sampler run on `meta` after the same run on the host: the reads it replayed, what the check flagged, and
@@ -105,35 +159,16 @@ def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3, loop_onl
     `host_read` returning the recorded values, through the model or (`graphs`) fake CUDA graphs around it.
     `loop_only`: check the step loop (`step_range`) only; MDLM's canvas (its setup, which reads the device) is then
     built from the host start state and moved to `meta`."""
-    model = random_model(tame=False, seed=seed)
-    values: list[list[int]] = []
-
-    def recorded(*tensors: torch.Tensor) -> list[int]:
-        values.append(host_read(*tensors))
-        return values[-1]
-
-    def options(generator: torch.Generator | None) -> SamplerOptions:
-        return SamplerOptions(
-            mask_token_id=MASK, pad_token_id=PAD, max_length=24, num_steps=8, schedule=get_schedule("linear"),
-            generator=generator,
-        )  # fmt: skip
+    model, tape = random_model(tame=False, seed=seed), ReadTape(monkeypatch)
 
     def wrap(model):
         return CUDAGraphDenoiser(model, PAD, granularity=16) if graphs else model
 
     monkeypatch.setattr(cuda_graphs, "GRAPH_CALLS", FakeGraphCalls())
-    patch_host_read(monkeypatch, recorded)
+    tape.record()
     with torch.no_grad():
-        SAMPLERS[sampler](wrap(model), start_state(), options(torch.Generator().manual_seed(seed)))
-    replay = iter(values)
-    run = MetaRun(reads=len(values), replayed=0)
-
-    def stub(*tensors: torch.Tensor) -> list[int]:
-        assert all(t.device == META for t in tensors), [t.device for t in tensors]
-        run.replayed += 1
-        return next(replay)
-
-    patch_host_read(monkeypatch, stub)
+        SAMPLERS[sampler](wrap(model), start_state(), meta_options(8, torch.Generator().manual_seed(seed)))
+    tape.replay()
     check = DeviceCheck()
     meta_model, meta_state = copy.deepcopy(model).to(META), on_meta(start_state())
     if loop_only:
@@ -152,12 +187,13 @@ def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3, loop_onl
         monkeypatch.setattr(sampler_mdlm, "mdlm_canvas", canvas_from_host)
         monkeypatch.setattr(sampler_loop, "step_range", checked_range)
     try:
-        with torch.no_grad(), check:
-            SAMPLERS[sampler](wrap(meta_model), meta_state, options(None))
+        with torch.no_grad(), check, HostDataCheck(check):
+            SAMPLERS[sampler](wrap(meta_model), meta_state, meta_options(8, None))
     except (NotImplementedError, RuntimeError) as error:  # meta tensors refuse a host read
-        run.error = error
-    run.violations = check.violations
-    return run
+        error_seen = error
+    else:
+        error_seen = None
+    return MetaRun(len(tape.values), tape.replayed, check.violations, error_seen)
 
 
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
@@ -198,9 +234,51 @@ def test_captured_region_stays_on_the_device(monkeypatch, time_conditioning: boo
     level = torch.empty(lengths.shape, device=META)
     denoiser = CUDAGraphDenoiser(model, PAD, granularity=16)
     check = DeviceCheck(strict=True)
-    with torch.no_grad(), check:
+    with torch.no_grad(), check, HostDataCheck(check):
         first = denoiser.diffusion_features(ids, packed, level)  # capture
         second = denoiser.diffusion_features(ids, packed, level)  # replay
     assert check.violations == []
     assert first.device == second.device == META and first.shape == (16, model.config.hidden_size)
     assert denoiser.calls.captures == 1 and denoiser.calls.replays == 2
+
+
+def run_cohorts(model, states: tuple[ActiveState, ActiveState], generator, check: DeviceCheck | None = None) -> int:
+    """Two cohorts on one `ElasticStepper` (continuous batching, as the server runs them): the first joins and steps
+    three times, the second joins with another horizon, then both step to their ends (no `collect`: it reads the
+    finished sequences). The steps and the second join run under `check`; returns the steps run."""
+    stepper = ElasticStepper(model)
+    stepper.add(states[0], meta_options(8, generator))
+    steps = 0
+    with check or nullcontext(), HostDataCheck(check) if check else nullcontext():
+        for _ in range(3):
+            stepper.step()
+            steps += 1
+        stepper.add(states[1], meta_options(6, generator))
+        while stepper.live:
+            stepper.step()
+            steps += 1
+    return steps
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with two cohorts every step builds device tensors from host lists (a host-to-device copy, which waits "
+    "for the stream on CUDA): Stepper.noise_levels (torch.tensor(levels, device=...)) and Stepper.flags "
+    "(torch.tensor(values, device=...)) in stepper_elastic_mdm.py, ElasticStepper.advance's ends "
+    "(torch.tensor([c.start + c.size - 1 ...], device=...)) in sampler_elastic_mdm.py",
+)
+def test_two_cohorts_step_on_meta(monkeypatch) -> None:
+    """Continuous batching: two cohorts of different horizons sharing one stepper step on `meta` with nothing
+    built on, or read from, the host."""
+    model, tape = random_model(tame=False, seed=3), ReadTape(monkeypatch)
+    tape.record()
+    with torch.no_grad():
+        steps = run_cohorts(model, (start_state(), start_state()), torch.Generator().manual_seed(3))
+    tape.replay()
+    check = DeviceCheck()
+    with torch.no_grad():
+        meta_steps = run_cohorts(
+            copy.deepcopy(model).to(META), (on_meta(start_state()), on_meta(start_state())), None, check
+        )
+    assert meta_steps == steps >= 9 and tape.replayed == len(tape.values)
+    assert check.violations == []
