@@ -362,3 +362,26 @@ def test_a_literal_mask_token_in_a_structured_row_is_text() -> None:
     tokenizer = word_tokenizer()
     feature = structured_feature(tokenizer, {"type": "object"}, {"a": "<mask> w5"}, schema_prompt=False)
     assert MASK not in feature["input_ids"]
+
+
+def test_a_tokenizer_with_an_auto_map_loads_with_the_stock_class_and_its_code_never_runs(tmp_path: Path) -> None:
+    """What docs/security.md says: without --trust_remote_code the `auto_map` is ignored; a tokenizer that only its
+    own code can read is refused, with Transformers' request for trust_remote_code=True as the cause."""
+    from elastic_mdm.loading.checkpoints import load_checkpoint_tokenizer
+
+    word_tokenizer().save_pretrained(tmp_path)
+    ran = tmp_path / "RAN"
+    (tmp_path / "own_tokenizer.py").write_text(
+        f"import pathlib\npathlib.Path({str(ran)!r}).write_text('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\nclass OwnTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config_file = tmp_path / "tokenizer_config.json"
+    auto_map = {"AutoTokenizer": ["own_tokenizer.OwnTokenizer", None]}
+    config = {**json.loads(config_file.read_text()), "auto_map": auto_map}
+    config_file.write_text(json.dumps(config))
+    tokenizer = load_checkpoint_tokenizer(str(tmp_path))
+    assert type(tokenizer).__module__.startswith("transformers.") and len(tokenizer) == VOCAB and not ran.exists()
+    config_file.write_text(json.dumps({**config, "tokenizer_class": "OwnTokenizer"}))
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        load_checkpoint_tokenizer(str(tmp_path))
+    assert not ran.exists()
