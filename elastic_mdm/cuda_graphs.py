@@ -143,11 +143,12 @@ class CUDAGraphCalls:
         """A memory pool for the graphs of `device` (the current device)."""
         return torch.cuda.graph_pool_handle()
 
-    def capture(self, forward: Callable[[], torch.Tensor], pool: Any) -> tuple[Any, torch.Tensor]:
-        """`(graph, output)`: `forward` captured into a new graph that allocates from `pool`; `graph.replay()`
-        reruns its kernels on the same buffers and rewrites `output`."""
+    def capture(self, forward: Callable[[], torch.Tensor], pool: Any, device: torch.device) -> tuple[Any, torch.Tensor]:
+        """`(graph, output)`: `forward` captured on a side stream of `device` into a new graph that allocates from
+        `pool`; `graph.replay()` reruns its kernels on the same buffers and rewrites `output`. The stream is given:
+        `torch.cuda.graph`'s default one is made once, on whichever device was current the first time."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device=device)):
             output = forward()
         return graph, output
 
@@ -245,7 +246,7 @@ class CUDAGraphDenoiser(StaticShapeDenoiser):
         self.calls.warm_up(forward, device, self.warmup)
         if device not in self.pools:
             self.pools[device] = self.calls.pool(device)
-        graph, output = self.calls.capture(forward, self.pools[device])
+        graph, output = self.calls.capture(forward, self.pools[device], device)
         return CapturedPass(graph, *static, output)
 
     def warn_weight_casts(self, dtype: torch.dtype) -> None:

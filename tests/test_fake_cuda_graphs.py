@@ -111,8 +111,8 @@ class FakeGraphCalls(CUDAGraphCalls):
     def pool(self, device: torch.device) -> object:
         return object()
 
-    def capture(self, forward, pool) -> tuple[FakeGraph, torch.Tensor]:
-        assert self.current is not None, "captured outside the device guard of its inputs"
+    def capture(self, forward, pool, device: torch.device) -> tuple[FakeGraph, torch.Tensor]:
+        assert self.current == device, f"captured on {device} under the device guard of {self.current}"
         tape = OpTape()
         with tape:
             output = forward()
@@ -140,12 +140,14 @@ def test_the_fake_graph_replays_what_it_captured(fake_graphs) -> None:
     captured output, and nothing the Python of the capture did afterwards (a missed input copy shows)."""
     static = torch.arange(4.0)
     with fake_graphs.device(static.device):
-        graph, output = fake_graphs.capture(lambda: (static * 2).add_(1).exp().sum(0, keepdim=True), None)
+        graph, output = fake_graphs.capture(
+            lambda: (static * 2).add_(1).exp().sum(0, keepdim=True), None, static.device
+        )
         static.copy_(torch.ones(4))
         graph.replay()
     torch.testing.assert_close(output, (torch.ones(4) * 2 + 1).exp().sum(0, keepdim=True))
     with pytest.raises(RuntimeError, match="inside a graph capture"), fake_graphs.device(static.device):
-        fake_graphs.capture(lambda: static[static > 0], None)
+        fake_graphs.capture(lambda: static[static > 0], None, static.device)
 
 
 def features_pair(model, calls, lengths: list[int], seed: int):
