@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,13 +67,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(
-    tmp_path: Path, *runs: tuple[str, ...], config: str | None = None, timeout: int = 300
-) -> list[list[dict]]:
+def launch(tmp_path: Path, *runs: tuple[str, ...], config: str | None = None, timeout: int = 300):
     """Train `configs/tiny.yaml` (or the YAML file a run's flags start with) with the quick flags on 2 processes,
     once per tuple of `runs` (its flags; run `i` writes to `tmp_path / f"run{i}"`), with
-    `accelerate launch --config_file config` or, without `config`, torchrun.
-    Returns each run's records, in rank order, after checking that both ranks trained in a world of 2."""
+    `accelerate launch --config_file config` or, without `config`, torchrun. Returns the finished launch."""
     records = tmp_path / "ranks"
     records.mkdir()
     if config is None:
@@ -87,17 +85,20 @@ def two_processes(
                     "--report_num_samples", "0", "--disable_tqdm", "true", *QUICK, *flags]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def two_processes(tmp_path: Path, *runs: tuple[str, ...], config: str | None = None) -> list[list[dict]]:
+    """`launch(...)`, which must succeed; each run's records in rank order, after checking that both ranks trained
+    in a world of 2."""
+    result = launch(tmp_path, *runs, config=config)
     errors = [line for line in result.stderr.splitlines() if "Error" in line]  # each rank's, above the summary
     assert result.returncode == 0, "\n".join(errors[-20:]) + result.stderr[-1500:]
+    records = tmp_path / "ranks"
     ranks = [[json.loads((records / f"{i}-rank{r}.json").read_text()) for r in range(2)] for i in range(len(runs))]
     for index, run in enumerate(ranks):
         assert [r["world_size"] for r in run] == [2, 2], f"run {index} did not train on two processes"
     return ranks
-
-
-if __name__ == "__main__":
-    probe(sys.argv[1], sys.argv[2:])
 
 
 def saved_and_loadable(output: Path) -> dict[str, torch.Tensor]:
@@ -200,3 +201,52 @@ def test_streaming_two_processes_whole_disjoint_batches(tmp_path: Path) -> None:
         assert not seen[0] - examples and not seen[1] - examples  # every sequence is an example of the data
         assert not (seen[0] + seen[1]) - examples  # no example twice: the ranks' examples are disjoint
         saved_and_loadable(tmp_path / f"run{index}")
+
+
+def test_deepspeed_zero2_two_processes(tmp_path: Path) -> None:
+    pytest.importorskip("deepspeed")
+    (first, second), *_ = two_processes(tmp_path, (), config="configs/accelerate/deepspeed_zero2_cpu.yaml")
+    assert first["batches"][0]["ids"] != second["batches"][0]["ids"]
+    saved_and_loadable(tmp_path / "run0")
+
+
+def test_deepspeed_zero3_two_processes_report_and_lora(tmp_path: Path, isolated_python) -> None:
+    """The documented ZeRO-3 path (partitioned init, 16-bit gathered save) on two ranks, in one launch:
+
+    * a new model trains, saves a plain folder and writes the end-of-training report (process 0 samples with the
+      saved folder; sampling with the partitioned model on process 0 alone waited for the other rank forever);
+    * the LLaDA retrofit recipe in small: LoRA with modules_to_save, gradient checkpointing, merged save.
+    Both folders reload through AutoModel(..., trust_remote_code=True) and generate."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("peft")
+    from test_scripts import RELOAD_AND_GENERATE
+
+    before = base_checkpoint(tmp_path / "base", block_type="llama", adaln=True)
+    report = ("--report_num_samples", "8", "--report_num_steps", "4")
+    lora = ("--model_name_or_path", str(tmp_path / "base"), "--lora_r", "4", "--learning_rate", "0.01",
+            "--gradient_checkpointing", "true")  # fmt: skip
+    ranks = two_processes(tmp_path, report, lora, config="configs/accelerate/deepspeed_zero3_cpu.yaml")
+    assert ranks[0][0]["report"]["num_samples"] == 8 and 0.0 <= ranks[0][0]["report"]["json_validity"] <= 1.0
+    assert (tmp_path / "run0" / "report" / "sample_report.json").exists()
+    saved_and_loadable(tmp_path / "run0")
+    merged = saved_and_loadable(tmp_path / "run1")
+    assert set(merged) == set(before)  # plain names, no peft wrapper prefix
+    changed = {k for k, v in merged.items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("gap_head.") for k in changed) and any(".attn.q_proj." in k for k in changed)
+    assert "model.embed_tokens.weight" not in changed
+    for run in ("run0", "run1"):
+        reloaded = isolated_python(RELOAD_AND_GENERATE, str(tmp_path / run))
+        assert reloaded.returncode == 0 and "LENGTHS=" in reloaded.stdout, reloaded.stderr[-3000:]
+
+
+def test_processes_launched_together_that_would_train_alone_are_refused(tmp_path: Path) -> None:
+    """`accelerate launch --config_file configs/accelerate/ddp_cpu.yaml` on a machine without a GPU and without
+    --use_cpu true: accelerate's GPU state sees no GPU, so each process takes itself for the only one (a world of 1)
+    and all would write the same folder; the command refuses on every rank, naming the flag."""
+    result = launch(tmp_path, ("--use_cpu", "false"), config="configs/accelerate/ddp_cpu.yaml", timeout=120)
+    assert result.returncode != 0 and result.stderr.count("pass --use_cpu true") >= 2, result.stderr[-3000:]
+    assert not (tmp_path / "run0").exists()
+
+
+if __name__ == "__main__":
+    probe(sys.argv[1], sys.argv[2:])

@@ -79,20 +79,24 @@ def test_loglikelihood_with_one_step_is_the_exact_log_probability(synthetic_mode
 
 
 def test_loglikelihood_is_a_seeded_monte_carlo_mean(synthetic_model, synthetic_tokenizer) -> None:
+    """Each request's value is the mean of its `mc_samples` draws, from noise seeded with its own tokens: the same
+    value alone, beside other requests, in any order (what makes N processes give the results of one)."""
     requests = [request("loglikelihood", '{"a": ', "12"), request("loglikelihood", "", '{"b": 3}')]
     lm = ElasticMDMLM(
-        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", mc_samples=4, nelbo_num_steps=8
-    )
+        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", mc_samples=4, nelbo_num_steps=8,
+        batch_size=2,
+    )  # fmt: skip
     first = lm.loglikelihood(requests)
     assert first == lm.loglikelihood(requests)  # the same noise every call
     assert all(value < 0 and math.isfinite(value) for value, _ in first)
-    single = ElasticMDMLM(
-        pretrained=synthetic_model, tokenizer=synthetic_tokenizer, device="cpu", mc_samples=1, nelbo_num_steps=8
-    )
-    pairs = [single.split_pair(*r.args) for r in requests]
-    draws = torch.tensor(single.nelbo([pair for pair in pairs for _ in range(4)]))  # the same features, batches
-    means = -draws.view(2, 4).mean(1)  # and noise stream as the mc_samples=4 run: its value is their mean
-    assert [v for v, _ in first] == pytest.approx(means.tolist())
+    assert lm.loglikelihood(requests[::-1]) == first[::-1] and lm.loglikelihood(requests[1:]) == first[1:]
+    context, cont = lm.split_pair(*requests[0].args)
+    ids = [lm.model.config.bos_token_id, *context, *cont, lm.model.config.eos_token_id]
+    feature = {"input_ids": ids, "anchor_mask": [1] * (1 + len(context)) + [0] * len(cont) + [1]}
+    lm.collator.generator = lm.request_generator(ids, len(context), device="cpu")
+    draws = torch.cat([lm.batch_nelbo([feature] * 2) for _ in range(2)])  # the two passes of 2 draws each
+    assert first[0][0] == pytest.approx(-float(draws.mean()))
+    assert draws.unique().numel() == 4  # four different draws
     (rolling,) = lm.loglikelihood_rolling([request("loglikelihood_rolling", '{"b": 3}')])
     ((alone, _),) = lm.loglikelihood([requests[1]])  # no context: the same bound, from the same noise
     assert rolling == pytest.approx(alone)
@@ -161,25 +165,63 @@ def task_dir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_harness_command_line_on_local_tasks(
+def test_harness_command_line_on_local_tasks_one_and_two_processes(
     synthetic_model, synthetic_tokenizer, task_dir: Path, tmp_path: Path
 ) -> None:
     """`python -m elastic_mdm.integrations.lm_eval --model elastic_mdm ...` (the harness's own command line with the
-    model registered) runs a multiple-choice task (loglikelihood) and a generation task offline."""
+    model registered) runs a multiple-choice task (loglikelihood) and a generation task offline; under
+    `accelerate launch --config_file configs/accelerate/ddp_cpu.yaml -m ...` two processes share the requests (a
+    world of 2, in the results' config) and give the same answers and metrics as one."""
     checkpoint = tmp_path / "tiny"
     synthetic_model.save_pretrained(checkpoint)
     synthetic_tokenizer.save_pretrained(checkpoint)
-    output = tmp_path / "results"
-    command = [
-        sys.executable, "-m", "elastic_mdm.integrations.lm_eval", "--model", "elastic_mdm",
+    harness = [
+        "-m", "elastic_mdm.integrations.lm_eval", "--model", "elastic_mdm",
         "--model_args", f"pretrained={checkpoint},mc_samples=2,nelbo_num_steps=4,num_steps=4",
-        "--tasks", "tiny_mc,tiny_gen", "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "4",
-        "--output_path", str(output),
+        "--tasks", "tiny_mc,tiny_gen", "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "1",
+        "--log_samples",
     ]  # fmt: skip
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
            "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (saved,) = output.rglob("results_*.json")
-    results = json.loads(saved.read_text())["results"]
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    two = [accelerate, "launch", "--config_file", "configs/accelerate/ddp_cpu.yaml", "--main_process_port", "0"]
+    runs = {}
+    for name, launcher in (("one", [sys.executable]), ("two", two)):
+        output = tmp_path / name
+        command = [*launcher, *harness, "--output_path", str(output)]
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (saved,) = output.rglob("results_*.json")
+        samples = {}
+        for path in output.rglob("samples_*.jsonl"):
+            for row in map(json.loads, path.read_text().splitlines()):
+                samples[(path.name.split("_2")[0], row["doc_id"])] = row["filtered_resps"]  # (resps: + padding)
+        runs[name] = json.loads(saved.read_text()), samples, result.stderr
+    (one, one_samples, _), (two_results, two_samples, two_log) = runs["one"], runs["two"]
+    assert one["config"]["num_processes"] == 1 and two_results["config"]["num_processes"] == 2
+    assert "process 0 of 2" in two_log and "process 1 of 2" in two_log
+    results = one["results"]
     assert 0.0 <= results["tiny_mc"]["acc,none"] <= 1.0 and 0.0 <= results["tiny_gen"]["exact_match,none"] <= 1.0
+    assert len(one_samples) == 6 and two_samples == one_samples  # every document, the same answers
+    for task in ("tiny_mc", "tiny_gen"):
+        assert two_results["results"][task] == results[task]
+
+
+def test_entry_point_is_declared_and_loads_the_model(tmp_path: Path) -> None:
+    """`[project.entry-points."lm_eval.models"]` names the class; a registry that registered it from the entry
+    point (lm-eval's next release) resolves it, and importing the module then keeps that registration."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lm_eval.models"]
+    assert declared == {"elastic_mdm": "elastic_mdm.integrations.lm_eval:ElasticMDMLM"}
+    code = f"""
+import importlib.metadata as md
+from lm_eval.api.registry import get_model, model_registry
+point = md.EntryPoint("elastic_mdm", {declared["elastic_mdm"]!r}, "lm_eval.models")
+model_registry.register("elastic_mdm", target=point)
+cls = get_model("elastic_mdm")
+print(cls.__module__, cls.__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["elastic_mdm.integrations.lm_eval", "ElasticMDMLM"]

@@ -3,10 +3,20 @@ r"""lm-evaluation-harness model `elastic_mdm` (`pip install elastic-mdm[lmeval]`
     python -m elastic_mdm.integrations.lm_eval --model elastic_mdm --model_args pretrained=PATH,mc_samples=32 \
         --tasks lambada_openai --device cuda --batch_size 16
 
-The harness finds models by name in its registry, which only knows the models imported before it runs: this module
-registers `elastic_mdm` on import, and running it as `python -m` starts the harness's own command line (`lm_eval`,
-same arguments) after that import. From Python, `import elastic_mdm.integrations.lm_eval` before
-`lm_eval.simple_evaluate(model="elastic_mdm", ...)` does the same.
+The harness finds models by name in its registry. lm-eval 0.4.13 only knows the models imported before it runs: this
+module registers `elastic_mdm` on import, and running it as `python -m` starts the harness's own command line
+(`lm_eval`, same arguments) after that import; from Python, `import elastic_mdm.integrations.lm_eval` before
+`lm_eval.simple_evaluate(model="elastic_mdm", ...)` does the same. Later releases load the models of the
+`lm_eval.models` entry-point group, which the package declares (`pyproject.toml`): there `lm_eval --model elastic_mdm`
+works as is.
+
+Several processes (`accelerate launch [--config_file configs/accelerate/ddp_cpu.yaml] -m
+elastic_mdm.integrations.lm_eval ...`, or torchrun): each process holds the model on its own device and the harness
+gives each its share of the requests (`rank`, `world_size`, as with its own `HFLM`), then gathers the answers on
+process 0, which writes the results. Every answer depends on its own request only, never on which process or batch it
+ran in: a `loglikelihood` request draws its Monte Carlo noise from a generator seeded with the seed and the request's
+tokens, and a `generate_until` batch from one seeded with its prompts (with `batch_size=1`, each request's own), so
+N processes give the results of one.
 
 Requests (docs/design.md §5, a prompt is a prefix continued in one open gap before EOS):
 
@@ -29,14 +39,17 @@ Requests (docs/design.md §5, a prompt is a prefix continued in one open gap bef
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from lm_eval.api import registry
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 
 from ..loading.checkpoints import load_model_and_tokenizer
 from ..schedules import check_num_steps
@@ -44,6 +57,7 @@ from ..training.collators import TARGET_TOKENS
 from ..training.nelbo import elastic_nelbo_terms
 from ..training.objectives import get_objective, make_collator
 
+MODEL_NAME = "elastic_mdm"
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")
 
 
@@ -57,7 +71,6 @@ def conditional_nelbo_terms(model, batch: dict, context_lengths: torch.Tensor) -
     return token + gap
 
 
-@register_model("elastic_mdm")
 class ElasticMDMLM(LM):
     """An Elastic-MDM (or MDLM-objective) checkpoint as an lm-evaluation-harness model (see the module docstring).
 
@@ -95,6 +108,8 @@ class ElasticMDMLM(LM):
         if nelbo_num_steps is not None:  # before the model loads; 0 is refused, never taken for "the default"
             check_num_steps(nelbo_num_steps, "nelbo_num_steps")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as one of several processes
+            device = self.join_processes(device)
         if isinstance(pretrained, str):
             dtype = getattr(torch, dtype)
             self.model, tokenizer = load_model_and_tokenizer(pretrained, device, dtype, trust_remote_code, tokenizer)
@@ -114,7 +129,6 @@ class ElasticMDMLM(LM):
         self.nelbo_num_steps = generation.num_steps if nelbo_num_steps is None else nelbo_num_steps
         self.nelbo_schedule = generation.schedule if nelbo_schedule is None else nelbo_schedule
         self.seed = int(seed)
-        self.generator = torch.Generator(device=self.model.device).manual_seed(self.seed)
         self.generate_kwargs = generate_kwargs
         config = self.model.config
         self.max_length = int(config.max_position_embeddings)
@@ -123,6 +137,55 @@ class ElasticMDMLM(LM):
             config.objective, config, nelbo=True, max_length=self.max_length, seed=self.seed,
             schedule=self.nelbo_schedule, num_steps=self.nelbo_num_steps,
         )  # fmt: skip
+
+    # -- several processes ------------------------------------------------------------------------------------------
+
+    def join_processes(self, device: str) -> str:
+        """Join the launch's process group (accelerate's `PartialState`: gloo on CPU, NCCL on GPUs); take this
+        process's rank and the world size, and return its device."""
+        from accelerate import PartialState
+
+        state = PartialState(cpu=str(device).startswith("cpu"))
+        launched = int(os.environ["WORLD_SIZE"])
+        if state.num_processes != launched:
+            raise ValueError(
+                f"{launched} processes were launched but each would evaluate alone (a world of {state.num_processes}): "
+                "on a machine without a GPU pass --device cpu, so that they join (gloo)."
+            )
+        self._rank, self._world_size = state.process_index, state.num_processes
+        print(f"elastic_mdm: process {self._rank} of {self._world_size} on {state.device}", file=sys.stderr)
+        return str(state.device)
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's `tensor`, concatenated along dim 0 in rank order (0-d tensors: stacked)."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list | None:
+        """The list of every process's `obj` on process `dst`, None on the others."""
+        if self.world_size == 1:
+            return [obj]
+        gathered = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, gathered, dst=dst)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def get_model_info(self) -> dict:
+        """Written into the results' `config`: the processes the requests were shared over."""
+        return {"num_processes": self.world_size}
+
+    def request_generator(self, *parts: Any, device: torch.device | str | None = None) -> torch.Generator:
+        """A generator (on `device`, default the model's) seeded with the seed and `parts` (a request's tokens): the
+        same request gets the same draws whatever ran before it, beside it in a batch or on another process."""
+        digest = hashlib.sha256(json.dumps([self.seed, *parts]).encode()).digest()
+        generator = torch.Generator(device=device or self.model.device)
+        return generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
     @property
     def tokenizer_name(self) -> str:
@@ -134,7 +197,8 @@ class ElasticMDMLM(LM):
     # -- generate_until --------------------------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """`generate` from `BOS + context`, batched by identical `gen_kwargs`, cut before the first stop string."""
+        """`generate` from `BOS + context`, batched by identical `gen_kwargs` (each batch's draws seeded with its
+        prompts: `request_generator`), cut before the first stop string."""
         results: list[str | None] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
@@ -153,7 +217,7 @@ class ElasticMDMLM(LM):
                 bos = self.model.config.bos_token_id
                 prompts = [[bos, *last(self.encode(requests[i].args[0]), keep)] for i in chunk]
                 out = self.model.generate(
-                    input_ids=prompts, max_new_tokens=new_tokens, generator=self.generator,
+                    input_ids=prompts, max_new_tokens=new_tokens, generator=self.request_generator(prompts, options),
                     return_dict_in_generate=True, **{**self.generate_kwargs, **options},
                 )  # fmt: skip
                 for i, prompt, seq, n in zip(chunk, prompts, out.sequences, out.lengths.tolist(), strict=True):
@@ -205,19 +269,19 @@ class ElasticMDMLM(LM):
         return last(head, room), cont
 
     def nelbo(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[float]:
-        """The mean NELBO in nats of every `(context, continuation)` over `mc_samples` draws."""
+        """The mean NELBO in nats of every `(context, continuation)` over `mc_samples` draws: passes of at most
+        `batch_size` draws of one request, its noise from `request_generator` (the same value wherever it runs)."""
         bos, eos = self.model.config.bos_token_id, self.model.config.eos_token_id
-        features, owners = [], []
-        for index, (context, cont) in enumerate(pairs):
+        means = []
+        for context, cont in pairs:
             anchors = [1] * (1 + len(context)) + [0] * len(cont) + [1]
             feature = {"input_ids": [bos, *context, *cont, eos], "anchor_mask": anchors}
-            features += [feature] * self.mc_samples
-            owners += [index] * self.mc_samples
-        totals = torch.zeros(len(pairs), dtype=torch.float64)
-        self.collator.reset_generator()  # the same requests get the same noise
-        for chunk, who in batched(features, owners, self.batch_size):
-            totals.index_add_(0, torch.tensor(who), self.batch_nelbo(chunk).cpu())
-        return (totals / self.mc_samples).tolist()
+            self.collator.generator = self.request_generator(feature["input_ids"], len(context), device="cpu")
+            total = torch.zeros((), dtype=torch.float64)
+            for start in range(0, self.mc_samples, self.batch_size):
+                total += self.batch_nelbo([feature] * min(self.batch_size, self.mc_samples - start)).sum().cpu()
+            means.append(float(total) / self.mc_samples)
+        return means
 
     @torch.no_grad()
     def batch_nelbo(self, features: list[dict]) -> torch.Tensor:
@@ -251,11 +315,6 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
     return text[:cut]
 
 
-def batched(features: list, owners: list[int], size: int) -> Iterator[tuple[list, list[int]]]:
-    for start in range(0, len(features), size):
-        yield features[start : start + size], owners[start : start + size]
-
-
 def main(argv: list[str] | None = None) -> None:
     """The harness's command line (`lm_eval ...`, same arguments) with `elastic_mdm` registered."""
     from lm_eval.__main__ import cli_evaluate
@@ -265,7 +324,18 @@ def main(argv: list[str] | None = None) -> None:
     cli_evaluate()
 
 
-__all__ = ["ElasticMDMLM", "conditional_nelbo_terms"]
+def register(cls: type[LM]) -> type[LM]:
+    """Register `cls` as `elastic_mdm` in the harness's model registry, unless the name is there already (a release
+    that loaded the `lm_eval.models` entry point, whose loading imports this module)."""
+    known = getattr(registry, "model_registry", None) or registry.MODEL_REGISTRY
+    if MODEL_NAME not in known:
+        registry.register_model(MODEL_NAME)(cls)
+    return cls
+
+
+register(ElasticMDMLM)
+
+__all__ = ["ElasticMDMLM", "conditional_nelbo_terms", "MODEL_NAME"]
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,9 @@ docs/security.md).
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args, report_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     set_seed(training_args.seed)
 
-    # 2. nothing is overwritten unasked; a resume is exact or refused
+    # 2. nothing is overwritten unasked; a resume is exact or refused; what the report needs is at hand
     check_training_paths(model_args, data_args, training_args)
+    check_launch(training_args)
+    check_report(report_args, model_args, data_args)
 
     # 3. tokenizer (the model's own when fine-tuning; BOS / EOS / mask added when missing) and model
     source = local_or_hub(model_args.model_name_or_path) if model_args.model_name_or_path else None
@@ -138,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 7. report: generated vs data lengths (and JSON validity on the built-in task)
     if report_args.report_num_samples and trainer.is_world_process_zero():
-        metrics["report"] = report(model, tokenizer, eval_dataset, data_args, training_args, report_args)
+        sampler = report_model(model, training_args)
+        metrics["report"] = report(sampler, tokenizer, eval_dataset, data_args, training_args, report_args)
 
     # 8. every rank leaves together: a rank that exits while rank 0 still writes or reports tears down its
     # process group at interpreter exit, which aborts the run ("terminate called without an active exception");
@@ -164,6 +169,61 @@ def check_training_paths(
     check_gap_budget(data_args, training_args.objective)
 
 
+def check_launch(training_args: ElasticMDMTrainingArguments) -> None:
+    """Refuse processes that were launched together (`WORLD_SIZE`) but would each train alone: on a machine without
+    a GPU, `accelerate launch` with a GPU launcher (configs/accelerate/ddp_cpu.yaml) and without `--use_cpu true`
+    starts processes that each take themselves for the only one, and they all write the same output folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != training_args.world_size:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but each would train alone (a world of "
+            f"{training_args.world_size}): on a machine without a GPU pass --use_cpu true, so that they join (gloo)."
+        )
+
+
+def check_report(report_args: ReportArguments, model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Refuse, before training, a report (`--report_num_samples > 0`) the run could not write at its end: the PNG
+    histogram needs matplotlib (`pip install elastic-mdm[eval]`), the JSON validity of the built-in task jsonschema,
+    and under DeepSpeed ZeRO-3 the report samples with the saved folder, which unmerged LoRA adapters are not."""
+    if not report_args.report_num_samples:
+        return
+    needs = {"matplotlib": "the PNG length histogram"}
+    if data_args.is_synthetic:
+        needs["jsonschema"] = "the JSON validity of the samples"
+    missing = [f"{module} ({what})" for module, what in needs.items() if not importable(module)]
+    if missing:
+        raise ImportError(
+            f"The end-of-training report (--report_num_samples {report_args.report_num_samples}) needs "
+            f"{', '.join(missing)}: pip install elastic-mdm[eval], or pass --report_num_samples 0 to train without it."
+        )
+    if is_deepspeed_zero3_enabled() and model_args.lora_r and not model_args.lora_merge:
+        raise ValueError(
+            "Under DeepSpeed ZeRO-3 the report samples with the saved model folder, which --lora_merge false leaves "
+            "as adapters only: pass --lora_merge true or --report_num_samples 0."
+        )
+
+
+def importable(module: str) -> bool:
+    """Whether `import module` would find it (an import hook that refuses it counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a refusing hook; a module set to None in sys.modules
+        return False
+
+
+def report_model(model: ElasticMDMForDiffusionLM, training_args: ElasticMDMTrainingArguments):
+    """The model process 0 samples the report with: `model`, or under DeepSpeed ZeRO-3, where every process holds a
+    shard of each weight and each forward pass gathers them from all processes (process 0 alone would wait for the
+    others forever), the folder just saved (whole 16-bit weights), loaded plain on process 0's device."""
+    if not is_deepspeed_zero3_enabled():
+        return model
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # training is over: load the saved folder whole, not partitioned across processes
+    saved = ElasticMDMForDiffusionLM.from_pretrained(Path(training_args.output_dir).resolve(), use_safetensors=True)
+    return saved.to(training_args.device).eval()
+
+
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
     """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
     from ..evaluation.lengths import length_sweep
@@ -175,7 +235,8 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
     schemas = tasks = None
     if data_args.is_synthetic:
         schemas, tasks = list(SCHEMAS.values()), builtin_structured_tasks(tokenizer)
-    data_lengths = length_statistics(eval_dataset)
+    streamed = not hasattr(eval_dataset, "__len__")  # a streamed eval split is finite (a split, or a `take`)
+    data_lengths = length_statistics(eval_dataset, n=(data_args.max_eval_samples or sys.maxsize) if streamed else None)
     fixed_canvas = get_objective(model.config.objective).fixed_canvas  # MDLM: masks per open gap of a template
     budget = {"mdlm_gap_budget": report_args.mdlm_gap_budget} if fixed_canvas else {}
     result = sample_report(
@@ -209,4 +270,14 @@ def report(model, tokenizer, eval_dataset, data_args, training_args, report_args
     return result
 
 
-__all__ = ["main", "parse_arguments", "yaml_to_flags", "build_model", "check_training_paths", "report"]
+__all__ = [
+    "main",
+    "parse_arguments",
+    "yaml_to_flags",
+    "build_model",
+    "check_training_paths",
+    "check_launch",
+    "check_report",
+    "report_model",
+    "report",
+]
