@@ -122,7 +122,11 @@ class ElasticMDMGenerationMixin:
         budget = self._mdlm_gap_budget(config, template_ids is not None) if self.config.objective == "mdlm" else None
         stream = DraftStream(streamer, state, pad) if streamer is not None else None  # every check ran before
         options.on_draft = stream.drafter(list(range(len(input_lengths)))) if stream else None
-        caps = torch.tensor(self._length_caps(config, input_lengths, max_length), device=self.device)
+        caps = self._length_caps(config, input_lengths, max_length)
+        if len(set(caps)) == 1:  # one cap for all: the host knows it, the samplers compare to it without a tensor
+            options.max_length, caps = caps[0], None
+        else:
+            caps = torch.tensor(caps, device=self.device)
         if self.config.objective == "mdlm":
             output = sample_mdlm(
                 denoiser, state, options, eos_token_id=self.config.eos_token_id, gap_budget=budget, caps=caps

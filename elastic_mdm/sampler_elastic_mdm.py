@@ -47,16 +47,18 @@ class Growth:
         counts: torch.Tensor,
         dirty: torch.Tensor,
         caps: torch.Tensor,
+        cap: int | None,
         ends: torch.Tensor | None,
     ) -> Growth:
-        """`counts[i]` masks into the gap `i` of sequence `owners[i]`, under the caps `[B]`; `ends` `[C]` the last
-        sequence of each cohort (`None`: one cohort). One read."""
+        """`counts[i]` masks into the gap `i` of sequence `owners[i]`, under the caps `[B]` (or the one host `cap`
+        they share); `ends` `[C]` the last sequence of each cohort (`None`: one cohort). One read."""
         added = per_sequence_sum(counts, owners, lengths.numel())  # [B]
         grown, dirty = lengths + added, dirty | (added > 0)
         per_cohort = counts.sum() if ends is None else added.cumsum(0)[ends]  # [C] running totals
-        work, (over, *inserted) = PassWork.of(grown, dirty, (grown - caps).max(), per_cohort)
+        excess = grown.max() if cap is not None else (grown - caps).max()
+        work, (excess, *inserted) = PassWork.of(grown, dirty, excess, per_cohort)
         inserted = [b - a for a, b in zip([0, *inserted[:-1]], inserted, strict=True)]
-        return cls(grown, dirty, work, inserted, over > 0)
+        return cls(grown, dirty, work, inserted, excess > (cap or 0))
 
 
 @dataclass
@@ -151,7 +153,8 @@ class ElasticStepper(Stepper):
 
     def advance(self, live: list[Cohort], active: list[Cohort]) -> None:
         state, mask_token_id = self.state, active[0].options.mask_token_id
-        partial = len(active) < len(self.cohorts)  # a cohort sits this step out: keep its sequences off the pass
+        # a cohort sits this step out: keep its sequences off the pass (unless the last pass is gone: all are encoded)
+        partial = len(active) < len(self.cohorts) and self.hidden is not None
         flags = self.flags(active) if partial else None
         dirty = self.dirty & flags if partial else self.dirty  # [B]
         work = PassWork.of(state.lengths, dirty)[0] if partial or self.work is None else self.work
@@ -177,17 +180,20 @@ class ElasticStepper(Stepper):
         counts = self.insertions(gap_logits, growing)
         single = len(self.cohorts) == 1
         ends = None if single else torch.tensor([c.start + c.size - 1 for c in self.cohorts], device=owners.device)
-        growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, ends)  # the step's one read
+        growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, self.cap, ends)  # the step's one read
         if growth.over:  # rare: a sequence would outgrow its cap (one more read this step)
             counts, clipped = cap_insertions(counts, owners, state.lengths, self.caps)
             self.hit_max_length |= clipped
-            growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, ends)
+            growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, self.cap, ends)
         self.dirty, self.work = growth.dirty, growth.work
         all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
         total = state.tokens.numel() + sum(growth.inserted)
         self.state, new_rows = insert_masks(state, all_counts, mask_token_id, total, growth.lengths)
         hidden = self.hidden
-        self.hidden = hidden.new_empty(total, hidden.shape[-1]).index_copy_(0, new_rows, hidden)
+        if single and growth.work.sequences == growth.lengths.numel():
+            self.hidden = None  # the next pass encodes every sequence: no row of this one is read again
+        else:
+            self.hidden = hidden.new_empty(total, hidden.shape[-1]).index_copy_(0, new_rows, hidden)
         offset = 0
         for cohort, inserted in zip(self.cohorts, growth.inserted, strict=True):
             lock = cohort.extra["lock"]
@@ -206,7 +212,8 @@ class ElasticStepper(Stepper):
                 parts.append(torch.zeros(n, dtype=torch.long, device=gap_logits.device))
             else:
                 logits = gap_logits if len(self.cohorts) == 1 else gap_logits[offset : offset + n]
-                logits = logits / cohort.extra["gap_temperature"]
+                if cohort.extra["gap_temperature"] != 1.0:
+                    logits = logits / cohort.extra["gap_temperature"]
                 generator, q = cohort.options.generator, cohort.share[cohort.k]
                 gaps = sample_categorical(logits, cohort.extra["gap_do_sample"], generator)
                 lock = cohort.extra["lock"]

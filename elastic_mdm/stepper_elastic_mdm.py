@@ -92,6 +92,7 @@ class Stepper:
         self.state: ActiveState | None = None
         self.hidden: torch.Tensor | None = None
         self.work: PassWork | None = None
+        self.cap: int | None = None  # the cap of every sequence, when they share one (`caps` `[B]` otherwise)
         self.num_passes = self.tokens_processed = 0
 
     @property
@@ -121,6 +122,8 @@ class Stepper:
             hit_max_length=torch.zeros(size, dtype=torch.bool, device=device),
             sequence_passes=torch.zeros(size, dtype=torch.long, device=device),
         )
+        cap = options.max_length if caps is None else None  # every sequence of the cohort under one host cap
+        self.cap = cap if self.state is None or self.cap == cap else None
         if self.state is None:
             self.state = state
             for name, value in per_sequence.items():
