@@ -265,6 +265,21 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, param) -> Non
     assert server.healthy()
 
 
+def test_a_request_the_sampler_refuses_fails_alone(server, client, monkeypatch) -> None:
+    """An error while a request joins the batch answers that request (400) and the server runs on."""
+    engine = server.app.state.engine
+    plain_add = engine.stepper.add
+
+    def refuse_once(*args, **kwargs):
+        monkeypatch.setattr(engine.stepper, "add", plain_add)
+        raise ValueError("refused for the test")
+
+    monkeypatch.setattr(engine.stepper, "add", refuse_once)
+    response = post(server, "/v1/completions", {"prompt": "w5", "max_tokens": 3, "num_steps": 2})
+    assert response.status_code == 400 and response.json()["error"]["message"] == "refused for the test"
+    assert server.healthy() and client.completions.create(model="tiny-elastic", prompt="w5", max_tokens=3).choices
+
+
 def test_neutral_values_of_refused_fields_are_accepted(client) -> None:
     out = client.completions.create(
         model="tiny-elastic",

@@ -53,6 +53,7 @@ def create_app(
         engine.stop()
 
     app = FastAPI(title="Elastic-MDM", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine = engine
     eos = model.config.eos_token_id
 
     @app.middleware("http")
@@ -184,7 +185,8 @@ class Reply:
         kind, value = getter.result()
         if kind == "error":
             status, message = value
-            return error_response(RequestError(message, status=status, kind="server_error"))
+            kind = "invalid_request_error" if status == 400 else "server_error"
+            return error_response(RequestError(message, status=status, kind=kind))
         choices = choice_texts(self.job, self.tokenizer, value, self.eos)
         body = dict(self.head, choices=[self.choice(i, c.text, c.finish_reason) for i, c in enumerate(choices)])
         body["usage"] = self.usage(sum(c.tokens for c in choices))

@@ -166,7 +166,12 @@ class Engine:
             self.waiting.popleft()
             if job.request.include_drafts:
                 job.options.on_draft = lambda view, job=job: job.push_draft(view.split())
-            job.cohort = self.stepper.add(job.state, job.options, **job.add_kwargs)
+            try:
+                job.cohort = self.stepper.add(job.state, job.options, **job.add_kwargs)
+            except ValueError as error:  # a request the sampler refuses fails alone; the batch runs on
+                job.push("error", (400, str(error)))
+                self.metrics.requests.labels("refused").inc()
+                continue
             self.running[id(job.cohort)] = job
             sequences, tokens = sequences + job.size, tokens + job.cost
         self.metrics.queue_depth.set(len(self.waiting))
