@@ -197,6 +197,8 @@ def test_cuda_graph_replay_matches_eager(precision: str, attn: str, time_conditi
     eagerly (fp32), and its graph count stays bounded over calls of other batch sizes."""
     model = gpu_model(attn, precision, time_conditioning)
     pad, (tolerance, unpadded_tolerance) = model.config.eos_token_id, PRECISIONS[precision][2:]
+    if attn != "sdpa":  # the flash kernels attend in bf16 whatever the weights: another shape may move a bf16 ulp
+        unpadded_tolerance = PRECISIONS["bf16-weights"][3]
     graphs = CUDAGraphDenoiser(model, pad, granularity=16)
     generator = torch.Generator("cuda").manual_seed(0)
     lengths = torch.tensor([5, 17, 0, 2], device="cuda")
