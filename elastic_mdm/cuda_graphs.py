@@ -174,8 +174,8 @@ class CUDAGraphDenoiser(StaticShapeDenoiser):
     * Bounded: at most `max_graphs` graphs, the least recently replayed dropped first (LRU). A sampler run visits
       about one bucket per token bucket and batch bucket it passes through (~100 for batch 32 at L = 1024).
     * All graphs of a device share one memory pool (they never run concurrently), so the memory is about that of
-      the largest pass plus the outputs of the kept graphs. A graph's output may sit where a later capture put its
-      own temporaries, so it is copied out right after its replay, before any other graph runs.
+      the largest pass plus the outputs of the kept graphs. A graph's output may sit where a graph captured before
+      it keeps its temporaries, so it is copied out right after its replay, before any other graph runs.
     * Device: capture, copies and replay run under `torch.cuda.device(inputs.device)`; the key holds the device, so a
       model on `cuda:1` gets graphs, streams and a pool of `cuda:1`.
     * Mode: static buffers, capture, input copies and replay all run under `torch.inference_mode()` whatever the
