@@ -8,6 +8,7 @@ cohort to the end. The bookkeeping it shares with the MDLM baseline lives in `sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,16 @@ class Growth:
         dirty: torch.Tensor,
         caps: torch.Tensor,
         cap: int | None,
-        ends: torch.Tensor | None,
+        per_cohort: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> Growth:
         """`counts[i]` masks into the gap `i` of sequence `owners[i]`, under the caps `[B]` (or the one host `cap`
-        they share); `ends` `[C]` the last sequence of each cohort (`None`: one cohort). One read."""
+        they share); `per_cohort` gives the `[C]` running totals of a `[B]` tensor over the cohorts (`None`: one
+        cohort). One read."""
         added = per_sequence_sum(counts, owners, lengths.numel())  # [B]
         grown, dirty = lengths + added, dirty | (added > 0)
-        per_cohort = counts.sum() if ends is None else added.cumsum(0)[ends]  # [C] running totals
+        totals = counts.sum() if per_cohort is None else per_cohort(added)  # [C] running totals
         excess = grown.max() if cap is not None else (grown - caps).max()
-        work, (excess, *inserted) = PassWork.of(grown, dirty, excess, per_cohort)
+        work, (excess, *inserted) = PassWork.of(grown, dirty, excess, totals)
         inserted = [b - a for a, b in zip([0, *inserted[:-1]], inserted, strict=True)]
         return cls(grown, dirty, work, inserted, excess > (cap or 0))
 
@@ -179,7 +181,7 @@ class ElasticStepper(Stepper):
         gap_logits = self.denoiser.gap_logits(self.hidden, open_rows, level).float()  # [open, G + 1]
         counts = self.insertions(gap_logits, growing)
         single = len(self.cohorts) == 1
-        ends = None if single else torch.tensor([c.start + c.size - 1 for c in self.cohorts], device=owners.device)
+        ends = None if single else self.per_cohort
         growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, self.cap, ends)  # the step's one read
         if growth.over:  # rare: a sequence would outgrow its cap (one more read this step)
             counts, clipped = cap_insertions(counts, owners, state.lengths, self.caps)

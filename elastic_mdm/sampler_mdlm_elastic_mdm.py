@@ -73,8 +73,7 @@ class MDLMStepper(Stepper):
         if single:
             work, num_revealed = PassWork.of(state.lengths, stale, revealed.sum())  # the step's one read
         else:
-            ends = torch.tensor([c.start + c.size - 1 for c in self.cohorts], device=stale.device)
-            work, totals = PassWork.of(state.lengths, stale, needed.cumsum(0)[ends])  # the step's one read
+            work, totals = PassWork.of(state.lengths, stale, self.per_cohort(needed))  # the step's one read
             num_revealed = [b - a for a, b in zip([0, *totals[:-1]], totals, strict=True)]
         if work.tokens > 0:
             self.encode(stale, work, self.noise_levels(live), live)

@@ -155,19 +155,26 @@ class Stepper:
             )
 
     def flags(self, cohorts: list[Cohort]) -> torch.Tensor:
-        """`[B]` True on the sequences of `cohorts`."""
-        chosen = {id(cohort) for cohort in cohorts}
-        values = [id(cohort) in chosen for cohort in self.cohorts for _ in range(cohort.size)]
-        return torch.tensor(values, dtype=torch.bool, device=self.state.tokens.device)
+        """`[B]` True on the sequences of `cohorts` (slices filled on the device: no host list is copied)."""
+        flags = torch.zeros(self.batch, dtype=torch.bool, device=self.state.tokens.device)
+        for cohort in cohorts:
+            flags[cohort.rows] = True
+        return flags
 
     def noise_levels(self, live: list[Cohort]) -> torch.Tensor | float:
-        """`F(k)` of the step each sequence is at: one float when one cohort runs, else `[B]`."""
+        """`F(k)` of the step each sequence is at: one float when one cohort runs, else `[B]` (each cohort's slice
+        filled on the device)."""
         if len(live) == 1:
             return live[0].reveal[live[0].k]
-        levels = [
-            cohort.reveal[min(cohort.k, cohort.total_steps - 1)] for cohort in self.cohorts for _ in range(cohort.size)
-        ]
-        return torch.tensor(levels, device=self.state.tokens.device)
+        levels = torch.empty(self.batch, device=self.state.tokens.device)
+        for cohort in self.cohorts:
+            levels[cohort.rows] = cohort.reveal[min(cohort.k, cohort.total_steps - 1)]
+        return levels
+
+    def per_cohort(self, values: torch.Tensor) -> torch.Tensor:
+        """`[C]` running totals of `values` `[B]` at the last sequence of every cohort (their sums: differences)."""
+        totals = values.cumsum(0)
+        return torch.stack([totals[cohort.start + cohort.size - 1] for cohort in self.cohorts])
 
     def encode(self, dirty: torch.Tensor, work: PassWork, levels: torch.Tensor | float, live: list[Cohort]) -> None:
         """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many, their tokens and the

@@ -261,13 +261,6 @@ def run_cohorts(model, states: tuple[ActiveState, ActiveState], generator, check
     return steps
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with two cohorts every step builds device tensors from host lists (a host-to-device copy, which waits "
-    "for the stream on CUDA): Stepper.noise_levels (torch.tensor(levels, device=...)) and Stepper.flags "
-    "(torch.tensor(values, device=...)) in stepper_elastic_mdm.py, ElasticStepper.advance's ends "
-    "(torch.tensor([c.start + c.size - 1 ...], device=...)) in sampler_elastic_mdm.py",
-)
 def test_two_cohorts_step_on_meta(monkeypatch) -> None:
     """Continuous batching: two cohorts of different horizons sharing one stepper step on `meta` with nothing
     built on, or read from, the host."""
