@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -85,7 +86,14 @@ def launch(tmp_path: Path, *runs: tuple[str, ...], config: str | None = None, ti
                     "--report_num_samples", "0", "--disable_tqdm", "true", *QUICK, *flags]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a hung run: end the launcher and every rank it started
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def two_processes(tmp_path: Path, *runs: tuple[str, ...], config: str | None = None) -> list[list[dict]]:
@@ -95,6 +103,10 @@ def two_processes(tmp_path: Path, *runs: tuple[str, ...], config: str | None = N
     errors = [line for line in result.stderr.splitlines() if "Error" in line]  # each rank's, above the summary
     assert result.returncode == 0, "\n".join(errors[-20:]) + result.stderr[-1500:]
     records = tmp_path / "ranks"
+    missing = [
+        path.name for i in range(len(runs)) for r in range(2) if not (path := records / f"{i}-rank{r}.json").exists()
+    ]
+    assert not missing, f"no record {missing}: the launch started fewer than 2 training processes"
     ranks = [[json.loads((records / f"{i}-rank{r}.json").read_text()) for r in range(2)] for i in range(len(runs))]
     for index, run in enumerate(ranks):
         assert [r["world_size"] for r in run] == [2, 2], f"run {index} did not train on two processes"
