@@ -102,10 +102,15 @@ class Stepper:
 
     @property
     def live(self) -> list[Cohort]:
+        """The cohorts a step advances. A cancelled cohort must have left (`collect`) first: its masks, still in
+        the stream, would be taken for another cohort's."""
+        if any(cohort.extra.get("cancelled") for cohort in self.cohorts):
+            raise RuntimeError("A cancelled cohort is still in the batch: call collect() before the next step().")
         return [cohort for cohort in self.cohorts if not cohort.finished]
 
     def __len__(self) -> int:
-        return len(self.live)
+        """Cohorts still to step."""
+        return sum(not cohort.finished for cohort in self.cohorts)
 
     def new_cohort(
         self, state: ActiveState, options: SamplerOptions, total_steps: int, caps: torch.Tensor | None, **extra
@@ -247,7 +252,8 @@ class Stepper:
             cohort.trajectory.append(self.view(cohort).split())
 
     def cancel(self, cohort: Cohort) -> None:
-        """Stop `cohort` (its client left): it runs no further step and leaves at the next `collect`."""
+        """Stop `cohort` (its client left): it runs no further step and leaves at the next `collect`, which must come
+        before the next `step`."""
         cohort.k = cohort.total_steps
         cohort.extra["cancelled"] = True
 

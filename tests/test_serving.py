@@ -379,3 +379,28 @@ def test_the_remote_code_root_never_imports_the_server() -> None:
                 continue
             for name in names:
                 assert not name.lstrip(".").startswith(("serving", *banned)), f"{path.name} imports {name}"
+
+
+def test_a_client_leaving_mid_batch_changes_no_other_answer(server, client) -> None:
+    """A streamed request that disconnects while another runs next to it leaves before the next step; the other
+    answer is the one it gets alone."""
+
+    def short() -> str:
+        out = client.completions.create(
+            model="tiny-elastic", prompt="w7", seed=11, max_tokens=8, extra_body={"num_steps": 1500}
+        )
+        return out.choices[0].text
+
+    alone = short()
+    cancelled = server.metric('elastic_mdm_requests_total{outcome="cancelled"}')
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {**LONG_DRAFTS, "num_steps": 4000}  # this server's --max_num_steps is 4096
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with httpx.stream("POST", server.url + "/v1/completions", json=long, headers=headers, timeout=TIMEOUT) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if "draft" in line)
+            beside = pool.submit(short)
+            time.sleep(0.3)  # the short request runs next to the long one when the long one leaves
+        assert not beside.done()
+    assert beside.result(timeout=TIMEOUT) == alone
+    assert server.metric('elastic_mdm_requests_total{outcome="cancelled"}') == cancelled + 1

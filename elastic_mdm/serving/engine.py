@@ -123,12 +123,19 @@ class Engine:
                 return False
             self.drop_expired()
             self.admit()
+        self.hand_out()  # the cancelled jobs leave before the step
         if len(self.stepper):
             started = time.perf_counter()
             passes = self.stepper.num_passes
             self.stepper.step()
             self.metrics.passes.inc(self.stepper.num_passes - passes)
             self.metrics.step_seconds.observe(time.perf_counter() - started)
+        self.hand_out()
+        self.metrics.running.set(self.stepper.batch)
+        return True
+
+    def hand_out(self) -> None:
+        """Collect the finished and cancelled cohorts and answer their jobs."""
         for cohort in self.stepper.collect():
             job = self.running.pop(id(cohort))
             if cohort.extra.get("cancelled"):
@@ -138,8 +145,6 @@ class Engine:
                 outcome = "ok"
                 job.push("done", cohort.output)
             self.metrics.requests.labels(outcome).inc()
-        self.metrics.running.set(self.stepper.batch)
-        return True
 
     def drop_expired(self) -> None:
         """Cancel the jobs past their deadline or whose client left (under the lock)."""
