@@ -101,7 +101,8 @@ def direct(checkpoint: Path, prompt: str, seed: int, max_tokens: int, num_steps:
     tokenizer = word_tokenizer()
     ids = [BOS, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     out = model.generate([ids], seed=seed, max_new_tokens=max_tokens, num_steps=num_steps, return_dict_in_generate=True)
-    return tokenizer.decode(out.sequences[0, len(ids) : int(out.lengths[0]) - 1].tolist())
+    sequence = out.sequences[0, : int(out.lengths[0])].tolist()
+    return tokenizer.decode(sequence[len(ids) : len(sequence) - (sequence[-1] == model.config.eos_token_id)])
 
 
 def test_completion_is_generate_with_the_same_seed(server, client, checkpoint) -> None:
@@ -404,3 +405,24 @@ def test_a_client_leaving_mid_batch_changes_no_other_answer(server, client) -> N
         assert not beside.done()
     assert beside.result(timeout=TIMEOUT) == alone
     assert server.metric('elastic_mdm_requests_total{outcome="cancelled"}') == cancelled + 1
+
+
+def test_an_mdlm_checkpoint_is_served_the_same_way(tmp_path) -> None:
+    """MDLM's sampler behind the same server: its answer is `generate()`'s for the same seed and canvas (prompt
+    plus `max_tokens`), infilling fills a budget of `max_tokens` positions, and its drafts show unrevealed positions
+    as the mask token."""
+    folder = save_checkpoint(tmp_path / "tiny-mdlm", objective="mdlm")
+    live = LiveServer(folder)
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", timeout=TIMEOUT, max_retries=0)
+        ask = dict(model="tiny-mdlm", prompt="w5 w6", max_tokens=6, seed=3, extra_body={"num_steps": 5})
+        assert client.completions.create(**ask).choices[0].text == direct(folder, "w5 w6", 3, 6, 5)
+        infill = client.completions.create(**{**ask, "suffix": "w9"}).choices[0].text
+        assert len(infill.split()) <= 6
+        stream = post(live, "/v1/completions", {"prompt": "w5", "max_tokens": 6, "num_steps": 4, "stream": True,
+                                               "stream_options": {"include_drafts": True}}, key=None)  # fmt: skip
+        drafts = [json.loads(line[5:])["choices"][0]["draft"] for line in stream.text.splitlines() if '"draft"' in line]
+        assert "<mask>" in drafts[0] and "<mask>" not in drafts[-1]
+        assert live.healthy()
+    finally:
+        live.stop()
