@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -228,25 +229,10 @@ class ElasticStepper(Stepper):
 
 
 def sample_elastic(
-    denoiser: Denoiser,
-    state: ActiveState,
-    options: SamplerOptions,
-    *,
-    gap_temperature: float = 1.0,
-    gap_do_sample: bool = True,
-    lock_length: bool = False,
-    caps: torch.Tensor | None = None,
+    denoiser: Denoiser, state: ActiveState, options: SamplerOptions, **settings: Any
 ) -> ElasticMDMGenerateOutput:
     """Elastic-MDM's reverse process on the packed batch `state`, started together: one cohort of an
-    `ElasticStepper`, stepped `K + 1` times (see `ElasticStepper`). Sequence `b` grows to at most `caps[b]` tokens
-    (`None`: `options.max_length` for all)."""
+    `ElasticStepper` with `settings` (`ElasticStepper.add`: `gap_temperature`, `gap_do_sample`, `lock_length`,
+    `caps`), stepped `K + 1` times."""
     stepper = ElasticStepper(denoiser)
-    cohort = stepper.add(
-        state,
-        options,
-        gap_temperature=gap_temperature,
-        gap_do_sample=gap_do_sample,
-        lock_length=lock_length,
-        caps=caps,
-    )
-    return run_to_end(stepper, cohort, "elastic-mdm")
+    return run_to_end(stepper, stepper.add(state, options, **settings), "elastic-mdm")
