@@ -259,5 +259,21 @@ def test_processes_launched_together_that_would_train_alone_are_refused(tmp_path
     assert not (tmp_path / "run0").exists()
 
 
+def test_dispatching_a_stream_is_refused(tmp_path: Path) -> None:
+    """An explicit `dispatch_batches=True` would slice packed batches across processes: refused, naming the fix;
+    unset, a stream is read per process."""
+    from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
+    from elastic_mdm.training.trainer import read_streams_per_process
+
+    args = ElasticMDMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    read_streams_per_process(args)
+    assert args.accelerator_config.dispatch_batches is False
+    args = ElasticMDMTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", accelerator_config={"dispatch_batches": True}
+    )
+    with pytest.raises(ValueError, match="dispatch_batches=True slices the packed batches"):
+        read_streams_per_process(args)
+
+
 if __name__ == "__main__":
     probe(sys.argv[1], sys.argv[2:])
