@@ -78,12 +78,13 @@ class ElasticMDMLM(LM):
         pretrained: Checkpoint folder or Hub id (or a loaded `ElasticMDMForDiffusionLM`, with `tokenizer`).
         tokenizer: Tokenizer (default: the checkpoint's).
         device, dtype: Where and in which dtype the model runs (`float32`, `bfloat16`, `float16`).
-        batch_size: Requests per `generate` call; sequences (per Monte Carlo draw) per NELBO pass.
+        batch_size: Requests per `generate` call; Monte Carlo draws of one request per NELBO pass (at most).
         mc_samples: Monte Carlo draws of the NELBO estimator averaged per `loglikelihood` request.
         nelbo_num_steps, nelbo_schedule: The K-step process whose bound is taken (default: the checkpoint's
             generation config `num_steps` and `schedule`, the process `generate` samples).
         max_gen_toks: Default `max_new_tokens` of `generate_until` when a task does not set it.
-        seed: Seeds the sampler and the NELBO noise (the same requests give the same answers).
+        seed: Seeds the sampler and the NELBO noise, with each request's tokens (the same request gets the same
+            answer on any process, in any batch of NELBO requests).
         trust_remote_code: Run the checkpoint's own code (docs/security.md); default the installed classes.
         **generate_kwargs: Further `generate()` options for `generate_until` (`num_steps`, `schedule`, ...).
     """
@@ -158,11 +159,9 @@ class ElasticMDMLM(LM):
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's `tensor`, concatenated along dim 0 in rank order (0-d tensors: stacked)."""
-        if self.world_size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+        from accelerate.utils import gather
+
+        return tensor if self.world_size == 1 else gather(tensor)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list | None:
         """The list of every process's `obj` on process `dst`, None on the others."""
@@ -174,7 +173,9 @@ class ElasticMDMLM(LM):
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            torch.distributed.barrier()
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
 
     def get_model_info(self) -> dict:
         """Written into the results' `config`: the processes the requests were shared over."""
