@@ -31,11 +31,12 @@ from .stepper_elastic_mdm import Cohort, Stepper
 
 @dataclass
 class Growth:
-    """An insertion step planned from its counts, before the tokens move: the new `lengths` `[B]`, the `dirty`
-    flags `[B]` of the next pass and its `work`, and on the host the masks `inserted` into each cohort and whether a
-    sequence would outgrow its cap (`over`)."""
+    """An insertion step planned from its counts, before the tokens move: the new `lengths` `[B]`, the sequences
+    that `grew` `[B]` (they hold the new masks), the `dirty` flags `[B]` of the next pass and its `work`, and on the
+    host the masks `inserted` into each cohort and whether a sequence would outgrow its cap (`over`)."""
 
     lengths: torch.Tensor
+    grew: torch.Tensor
     dirty: torch.Tensor
     work: PassWork
     inserted: list[int]
@@ -47,21 +48,22 @@ class Growth:
         lengths: torch.Tensor,
         owners: torch.Tensor,
         counts: torch.Tensor,
-        dirty: torch.Tensor,
+        dirty: torch.Tensor | None,
         caps: torch.Tensor,
         cap: int | None,
         per_cohort: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> Growth:
         """`counts[i]` masks into the gap `i` of sequence `owners[i]`, under the caps `[B]` (or the one host `cap`
-        they share); `per_cohort` gives the `[C]` running totals of a `[B]` tensor over the cohorts (`None`: one
-        cohort). One read."""
-        added = per_sequence_sum(counts, owners, lengths.numel())  # [B]
-        grown, dirty = lengths + added, dirty | (added > 0)
-        totals = counts.sum() if per_cohort is None else per_cohort(added)  # [C] running totals
+        they share), after the fill changed the sequences `dirty` `[B]` (`None`: none); `per_cohort` gives the `[C]`
+        running totals of a `[B]` tensor over the cohorts (`None`: one cohort). One read."""
+        grown = lengths.index_add(0, owners, counts)  # [B] n_b + Σ_{owners[i] = b} counts[i]
+        grew = grown > lengths  # [B]
+        dirty = grew if dirty is None else dirty | grew
+        totals = counts.sum() if per_cohort is None else per_cohort(grown - lengths)  # [C] running totals
         excess = grown.max() if cap is not None else (grown - caps).max()
         work, (excess, *inserted) = PassWork.of(grown, dirty, excess, totals)
         inserted = [b - a for a, b in zip([0, *inserted[:-1]], inserted, strict=True)]
-        return cls(grown, dirty, work, inserted, excess > (cap or 0))
+        return cls(grown, grew, dirty, work, inserted, excess > (cap or 0))
 
 
 @dataclass
@@ -113,7 +115,11 @@ class ElasticStepper(Stepper):
 
     A step reads the device once, after the insertion: the masks inserted into each cohort, whether a sequence
     would outgrow its cap, and the size of the next pass. The host then knows every count the next step needs.
+    Since a step fills every mask, the sequences a fill changes are those that grew at the step before (`masked`
+    `[B]`, `None`: no sequence holds a mask): the next pass's `dirty` flags need no scatter of the filled rows.
     """
+
+    masked: torch.Tensor | None = None
 
     def add(
         self,
@@ -127,10 +133,16 @@ class ElasticStepper(Stepper):
     ) -> Cohort:
         """A cohort of the sequences of `state` (prompts, templates, `BOS EOS`) joins at the next step, each capped at
         `caps` `[size]` tokens (`None`: `options.max_length`); one read."""
-        ones = torch.ones(state.lengths.numel(), dtype=torch.bool, device=state.tokens.device)
-        work, (num_masks, num_open) = PassWork.of(
-            state.lengths, ones, (state.tokens == options.mask_token_id).sum(), state.open_after.sum()
-        )
+        size, before = state.lengths.numel(), self.batch
+        ones = torch.ones(size, dtype=torch.bool, device=state.tokens.device)
+        is_mask = state.tokens == options.mask_token_id  # [T]
+        work, (num_masks, num_open) = PassWork.of(state.lengths, ones, is_mask.sum(), state.open_after.sum())
+        masked = per_sequence_sum(is_mask.long(), state.sequence_ids, size) > 0 if num_masks else None  # [size]
+        if before == 0 or (masked is None and self.masked is None):
+            self.masked = masked
+        else:
+            parts = [(self.masked, before), (masked, size)]
+            self.masked = torch.cat([ones.new_zeros(n) if m is None else m for m, n in parts])
         cohort = self.new_cohort(
             state, options, options.num_steps + 1, caps,
             gap_temperature=gap_temperature, gap_do_sample=gap_do_sample, lock=LengthLock() if lock_length else None,
@@ -164,16 +176,20 @@ class ElasticStepper(Stepper):
         levels = self.noise_levels(active)
         if work.tokens > 0:
             self.encode(dirty, work, levels, active)
-        dirty = self.refresh | (self.dirty & ~flags) if partial else self.refresh.clone()
+        # changed since this pass: the sequences the fill writes (all masks: the others have none), re-encoded ones
+        dirty = either(self.masked, None if all(c.options.use_cache for c in self.cohorts) else self.refresh)
+        dirty = either(dirty, self.dirty & ~flags) if partial else dirty  # [B] or None (none)
 
         num_masks = sum(c.num_masks for c in active)  # the other cohorts have none
-        self.fill(rows_where(state.tokens == mask_token_id, num_masks), [(c, c.num_masks) for c in active], dirty)
+        rows = rows_where(state.tokens == mask_token_id, num_masks) if num_masks else None
+        self.fill(rows, [(c, c.num_masks) for c in active], None)
         for cohort in active:
             cohort.num_masks = 0
         growing = [c for c in active if c.share[c.k] > 0.0]
         if not growing:
             keep = not partial and all(not c.options.use_cache for c in self.cohorts)
-            self.dirty, self.work = dirty, work if keep else None
+            self.dirty = torch.zeros_like(self.dirty) if dirty is None else dirty
+            self.work, self.masked = work if keep else None, None
             return
 
         open_rows = rows_where(state.open_after, sum(c.num_open for c in self.cohorts))
@@ -188,15 +204,14 @@ class ElasticStepper(Stepper):
             counts, clipped = cap_insertions(counts, owners, state.lengths, self.caps)
             self.hit_max_length |= clipped
             growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, self.cap, ends)
-        self.dirty, self.work = growth.dirty, growth.work
-        all_counts = torch.zeros_like(state.tokens).index_put_((open_rows,), counts)  # [T]
+        self.dirty, self.work, self.masked = growth.dirty, growth.work, growth.grew
+        repeats = counts.new_ones(state.tokens.numel()).index_add_(0, open_rows, counts)  # [T] 1 + masks after i
         total = state.tokens.numel() + sum(growth.inserted)
-        self.state, new_rows = insert_masks(state, all_counts, mask_token_id, total, growth.lengths)
-        hidden = self.hidden
+        self.state, source = insert_masks(state, None, mask_token_id, total, growth.lengths, repeats)
         if single and growth.work.sequences == growth.lengths.numel():
             self.hidden = None  # the next pass encodes every sequence: no row of this one is read again
-        else:
-            self.hidden = hidden.new_empty(total, hidden.shape[-1]).index_copy_(0, new_rows, hidden)
+        else:  # a new mask's row copies its left neighbour's: its sequence grew, so the next pass rewrites it
+            self.hidden = self.hidden[source]
         offset = 0
         for cohort, inserted in zip(self.cohorts, growth.inserted, strict=True):
             lock = cohort.extra["lock"]
@@ -204,6 +219,9 @@ class ElasticStepper(Stepper):
                 lock.grow(counts if single else counts[offset : offset + cohort.num_open], cohort.num_open + inserted)
             offset += cohort.num_open
             cohort.num_masks, cohort.num_open = inserted, cohort.num_open + inserted
+
+    def on_remove(self, rows: torch.Tensor, keep: torch.Tensor) -> None:
+        self.masked = None if self.masked is None else self.masked[keep]
 
     def insertions(self, gap_logits: torch.Tensor, growing: list[Cohort]) -> torch.Tensor:
         """`[open]` masks to insert after every open gap: each growing cohort draws its gaps (at its temperature,
@@ -226,6 +244,11 @@ class ElasticStepper(Stepper):
                     parts.append(sample_binomial(gaps, q, generator))  # [n]
             offset += n
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def either(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """`first | second` of two `[B]` flag tensors, `None` standing for all False (no op when one is `None`)."""
+    return second if first is None else first if second is None else first | second
 
 
 def sample_elastic(

@@ -87,7 +87,7 @@ class MDLMStepper(Stepper):
             if cohort.finished:
                 self.record(cohort)
 
-    def on_remove(self, rows: torch.Tensor) -> None:
+    def on_remove(self, rows: torch.Tensor, keep: torch.Tensor) -> None:
         self.generated = self.generated[rows]
 
     def output_of(

@@ -94,17 +94,20 @@ class ActiveState:
 
 def insert_masks(
     state: ActiveState,
-    counts: torch.Tensor,
+    counts: torch.Tensor | None,
     mask_token_id: int,
     total: int | None = None,
     lengths: torch.Tensor | None = None,
+    repeats: torch.Tensor | None = None,
 ) -> tuple[ActiveState, torch.Tensor]:
-    """Insert `counts[i]` masks after token `i`; returns the new state and the new row of every old token.
+    """Insert `counts[i]` masks after token `i`; returns the new state and the old row `source` `[total]` of every
+    new row (a mask: the token it follows), so that a per-token tensor `x` `[T]` follows as `x[source]`.
 
     New masks inherit the open flag of their gap (they sit inside an open gap). `total`, the new token count, is
-    read from the device when not given; `lengths`, the new lengths `[B]`, computed when not given.
+    read from the device when not given; `lengths`, the new lengths `[B]`, computed when not given; `repeats`
+    `[T]`, `counts + 1`, when the caller has it (then `counts` may be `None` if `total` and `lengths` are given).
     """
-    repeats = counts + 1  # [T]
+    repeats = counts + 1 if repeats is None else repeats  # [T]
     new_rows = repeats.cumsum(0) - repeats  # [T] where old token i lands
     if total is None:
         total = state.tokens.numel() + int(counts.sum())
@@ -112,13 +115,9 @@ def insert_masks(
     tokens[new_rows] = state.tokens
     if lengths is None:
         lengths = state.lengths + per_sequence_sum(counts, state.sequence_ids, state.lengths.numel())
-    new_state = ActiveState(
-        tokens=tokens,
-        sequence_ids=state.sequence_ids.repeat_interleave(repeats, output_size=total),
-        open_after=state.open_after.repeat_interleave(repeats, output_size=total),
-        lengths=lengths,
-    )
-    return new_state, new_rows
+    source = torch.repeat_interleave(repeats, output_size=total)  # [total] one index for every per-token tensor
+    new_state = ActiveState(tokens, state.sequence_ids[source], state.open_after[source], lengths)
+    return new_state, source
 
 
 def cap_insertions(

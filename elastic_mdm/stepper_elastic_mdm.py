@@ -222,12 +222,13 @@ class Stepper:
                     cohort.pending_tokens + tokens,
                 )
 
-    def fill(self, rows: torch.Tensor, segments: list[tuple[Cohort, int]], dirty: torch.Tensor) -> None:
+    def fill(self, rows: torch.Tensor | None, segments: list[tuple[Cohort, int]], dirty: torch.Tensor | None) -> None:
         """`x_i ~ p_θ(· | h_i)` for every row `i` of `rows` `[R]` (the rows of each cohort in `segments`, in order,
-        with their counts), after that cohort's token processors, from its generator; written into the state in place,
-        the changed sequences flagged in `dirty` `[B]`. Then every cohort's draft."""
+        with their counts; `None`: none), after that cohort's token processors, from its generator; written into the
+        state in place, the changed sequences flagged in `dirty` `[B]` (`None`: the caller knows them). Then every
+        cohort's draft."""
         state = self.state
-        if rows.numel() > 0:
+        if rows is not None and rows.numel() > 0:
             logits = self.denoiser.token_logits(self.hidden[rows]).float()  # [R, vocab]
             draws, offset = [], 0
             for cohort, count in segments:
@@ -238,7 +239,8 @@ class Stepper:
                 )
                 offset += count
             state.tokens[rows] = (draws[0] if len(draws) == 1 else torch.cat(draws)).to(state.tokens.dtype)
-            dirty[state.sequence_ids[rows]] = True
+            if dirty is not None:
+                dirty[state.sequence_ids[rows]] = True
         for cohort, _ in segments:
             if cohort.options.on_draft is not None:
                 cohort.options.on_draft(self.view(cohort))
@@ -294,14 +296,15 @@ class Stepper:
         self.hidden = None if self.hidden is None else self.hidden[rows]
         for name in ("dirty", "caps", "refresh", "hit_max_length", "sequence_passes"):
             setattr(self, name, getattr(self, name)[keep])
-        self.on_remove(rows)
+        self.on_remove(rows, keep)
         self.cohorts, start = [c for c in self.cohorts if not c.finished], 0
         for cohort in self.cohorts:
             cohort.start, start = start, start + cohort.size
         self.work = None  # re-planned at the next step (one more read)
 
-    def on_remove(self, rows: torch.Tensor) -> None:
-        """A sampler's own per-token tensors follow `remove` (`rows` `[T]` the kept tokens)."""
+    def on_remove(self, rows: torch.Tensor, keep: torch.Tensor) -> None:
+        """A sampler's own per-token and per-sequence tensors follow `remove` (`rows` `[T]` the kept tokens, `keep`
+        `[B]` the kept sequences)."""
 
     def output_of(
         self, cohort: Cohort, final: ActiveState, flags: torch.Tensor | None, hit: torch.Tensor | None = None
