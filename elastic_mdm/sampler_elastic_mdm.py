@@ -33,7 +33,8 @@ from .stepper_elastic_mdm import Cohort, Stepper
 class Growth:
     """An insertion step planned from its counts, before the tokens move: the new `lengths` `[B]`, the sequences
     that `grew` `[B]` (they hold the new masks), the `dirty` flags `[B]` of the next pass and its `work`, and on the
-    host the masks `inserted` into each cohort and whether a sequence would outgrow its cap (`over`)."""
+    host the masks `inserted` into each cohort and whether a sequence would outgrow its cap (`over`); with
+    `read_lengths`, the new lengths on the host too (`host_lengths`)."""
 
     lengths: torch.Tensor
     grew: torch.Tensor
@@ -41,6 +42,7 @@ class Growth:
     work: PassWork
     inserted: list[int]
     over: bool
+    host_lengths: list[int] | None = None
 
     @classmethod
     def of(
@@ -52,18 +54,21 @@ class Growth:
         caps: torch.Tensor,
         cap: int | None,
         per_cohort: Callable[[torch.Tensor], torch.Tensor] | None,
+        read_lengths: bool = False,
     ) -> Growth:
         """`counts[i]` masks into the gap `i` of sequence `owners[i]`, under the caps `[B]` (or the one host `cap`
         they share), after the fill changed the sequences `dirty` `[B]` (`None`: none); `per_cohort` gives the `[C]`
-        running totals of a `[B]` tensor over the cohorts (`None`: one cohort). One read."""
+        running totals of a `[B]` tensor over the cohorts (`None`: one cohort). One read (the new lengths ride in it
+        with `read_lengths`)."""
         grown = lengths.index_add(0, owners, counts)  # [B] n_b + Σ_{owners[i] = b} counts[i]
         grew = grown > lengths  # [B]
         dirty = grew if dirty is None else dirty | grew
         totals = counts.sum() if per_cohort is None else per_cohort(grown - lengths)  # [C] running totals
         excess = grown.max() if cap is not None else (grown - caps).max()
-        work, (excess, *inserted) = PassWork.of(grown, dirty, excess, totals)
+        work, (excess, *values) = PassWork.of(grown, dirty, excess, totals, *([grown] if read_lengths else []))
+        inserted, host_lengths = values[: totals.numel()], values[totals.numel() :] if read_lengths else None
         inserted = [b - a for a, b in zip([0, *inserted[:-1]], inserted, strict=True)]
-        return cls(grown, grew, dirty, work, inserted, excess > (cap or 0))
+        return cls(grown, grew, dirty, work, inserted, excess > (cap or 0), host_lengths)
 
 
 @dataclass
@@ -132,21 +137,27 @@ class ElasticStepper(Stepper):
         caps: torch.Tensor | None = None,
     ) -> Cohort:
         """A cohort of the sequences of `state` (prompts, templates, `BOS EOS`) joins at the next step, each capped at
-        `caps` `[size]` tokens (`None`: `options.max_length`); one read."""
+        `caps` `[size]` tokens (`None`: `options.max_length`); one read (with the start lengths, which are the final
+        ones, when no step of it inserts)."""
         size, before = state.lengths.numel(), self.batch
+        cohort = self.new_cohort(
+            state, options, options.num_steps + 1, caps,
+            gap_temperature=gap_temperature, gap_do_sample=gap_do_sample, lock=LengthLock() if lock_length else None,
+        )  # fmt: skip
+        cohort.extra["last_growth"] = max((k for k, q in enumerate(cohort.share) if q > 0.0), default=-1)
         ones = torch.ones(size, dtype=torch.bool, device=state.tokens.device)
         is_mask = state.tokens == options.mask_token_id  # [T]
-        work, (num_masks, num_open) = PassWork.of(state.lengths, ones, is_mask.sum(), state.open_after.sum())
+        start = [state.lengths] if cohort.extra["last_growth"] < 0 else []
+        work, (num_masks, num_open, *lengths) = PassWork.of(
+            state.lengths, ones, is_mask.sum(), state.open_after.sum(), *start
+        )
+        cohort.lengths = lengths if start else None
         masked = per_sequence_sum(is_mask.long(), state.sequence_ids, size) > 0 if num_masks else None  # [size]
         if before == 0 or (masked is None and self.masked is None):
             self.masked = masked
         else:
             parts = [(self.masked, before), (masked, size)]
             self.masked = torch.cat([ones.new_zeros(n) if m is None else m for m, n in parts])
-        cohort = self.new_cohort(
-            state, options, options.num_steps + 1, caps,
-            gap_temperature=gap_temperature, gap_do_sample=gap_do_sample, lock=LengthLock() if lock_length else None,
-        )  # fmt: skip
         cohort.num_masks, cohort.num_open = num_masks, num_open
         self.join_work(work)
         return cohort
@@ -199,11 +210,15 @@ class ElasticStepper(Stepper):
         counts = self.insertions(gap_logits, growing)
         single = len(self.cohorts) == 1
         ends = None if single else self.per_cohort
-        growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, self.cap, ends)  # the step's one read
+        last = [c for c in growing if c.k == c.extra["last_growth"]]  # their lengths are now final: read them too
+        plan = (dirty, self.caps, self.cap, ends, bool(last))
+        growth = Growth.of(state.lengths, owners, counts, *plan)  # the step's one read
         if growth.over:  # rare: a sequence would outgrow its cap (one more read this step)
             counts, clipped = cap_insertions(counts, owners, state.lengths, self.caps)
             self.hit_max_length |= clipped
-            growth = Growth.of(state.lengths, owners, counts, dirty, self.caps, self.cap, ends)
+            growth = Growth.of(state.lengths, owners, counts, *plan)
+        for cohort in last:
+            cohort.lengths = growth.host_lengths[cohort.rows]
         self.dirty, self.work, self.masked = growth.dirty, growth.work, growth.grew
         repeats = counts.new_ones(state.tokens.numel()).index_add_(0, open_rows, counts)  # [T] 1 + masks after i
         total = state.tokens.numel() + sum(growth.inserted)

@@ -41,8 +41,9 @@ class Cohort:
     `total_steps` the steps it runs (`K + 1` for Elastic-MDM, `K` for MDLM), `k` the next one; `reveal` `F(0..K)`
     and `share` `q_0..q_K` on the host; `num_masks` / `num_open` its masks and open gaps, known on the host.
     Counters: `num_passes` (passes that encoded one of its sequences), `tokens_processed`, `sequence_passes`
-    `[size]`; `trajectory` with `output_trajectory`; `output` once collected. `extra` holds what one sampler adds
-    (Elastic-MDM: gap settings and the length lock; MDLM: the canvas cut)."""
+    `[size]`; `lengths` its final lengths, once a step's read brought them to the host (the output then needs no
+    read); `trajectory` with `output_trajectory`; `output` once collected. `extra` holds what one sampler adds
+    (Elastic-MDM: gap settings, the length lock, its last growing step; MDLM: the canvas cut)."""
 
     options: SamplerOptions
     size: int
@@ -55,6 +56,7 @@ class Cohort:
     num_open: int = 0
     num_passes: int = 0
     tokens_processed: int = 0
+    lengths: list[int] | None = None  # its final lengths on the host, once a read brought them
     pending_passes: torch.Tensor | None = None  # device counts while it shares passes with other cohorts
     pending_tokens: torch.Tensor | None = None
     trajectory: list[list[torch.Tensor]] = field(default_factory=list)
@@ -317,9 +319,10 @@ class Stepper:
             cohort.tokens_processed += int(cohort.pending_tokens)
         if hit is None:
             hit = self.hit_max_length if flags is None else self.hit_max_length[cohort.rows]
+        rows = final.split(on_device=True) if cohort.lengths is None else list(final.tokens.split(cohort.lengths))
         return ElasticMDMGenerateOutput(
             sequences=torch.nn.utils.rnn.pad_sequence(
-                final.split(on_device=True), batch_first=True, padding_value=cohort.options.pad_token_id
+                rows, batch_first=True, padding_value=cohort.options.pad_token_id
             ),
             lengths=final.lengths,
             hit_max_length=hit,
