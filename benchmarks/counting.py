@@ -50,6 +50,12 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def uncounted():
+    """A context in which no `OpCounter` counts: a benchmark's own work inside a sampling run (the oracle's answers,
+    which a trained model does not compute) stays out of `ops_per_step`."""
+    return _disable_current_modes()
+
+
 class CountingDenoiser:
     """Wraps a denoiser and logs every pass and head call (reads lengths back to the host: not for timed runs)."""
 
@@ -63,7 +69,7 @@ class CountingDenoiser:
 
     def diffusion_features(self, input_ids: torch.Tensor, packed: PackedSequences, noise_level: torch.Tensor):
         self.log.lengths.append(packed.lengths.tolist())
-        with _disable_current_modes():  # the pass itself is not counted by an `OpCounter`
+        with uncounted():  # the pass itself is not counted by an `OpCounter`
             return self.inner.diffusion_features(input_ids, packed, noise_level)
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:

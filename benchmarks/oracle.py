@@ -14,6 +14,8 @@ from elastic_mdm.configuration_elastic_mdm import ElasticMDMConfig
 from elastic_mdm.modeling_elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.packing import PackedSequences
 
+from .counting import uncounted
+
 
 def oracle_config(
     hidden_size: int,
@@ -95,9 +97,11 @@ class OracleDenoiser:
 
     def token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.token_logits(self._backbone(hidden))
-        return self._one_hot_logits(logits, hidden[:, -1].long())
+        with uncounted():  # the oracle's answer is not a sampler's op (a trained model's head stops at `logits`)
+            return self._one_hot_logits(logits, hidden[:, -1].long())
 
     def gap_logits(self, hidden: torch.Tensor, left: torch.Tensor, noise_level: float) -> torch.Tensor:
         logits = self.model.gap_logits(self._backbone(hidden), left, noise_level)
-        gap = (hidden[left + 1, -1] - hidden[left, -1] - 1).long()
-        return self._one_hot_logits(logits, gap)
+        with uncounted():
+            gap = (hidden[left + 1, -1] - hidden[left, -1] - 1).long()
+            return self._one_hot_logits(logits, gap)

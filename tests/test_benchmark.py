@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.counting import FlopModel, PassLog
+from benchmarks.counting import FlopModel, OpCounter, PassLog
 from benchmarks.lengths import length_sampler
-from benchmarks.oracle import oracle_config, random_model
+from benchmarks.oracle import OracleDenoiser, oracle_config, random_model
 from benchmarks.sampling import (
     VARIANTS,
     SamplingSetup,
@@ -110,6 +110,23 @@ def test_ops_outside_the_passes_do_not_depend_on_the_backbone() -> None:
         setup = oracle(deeper, [0, 3, 20, LENGTH - 2], num_steps=8)
         counts.append([counted_run(setup, variant)[1].ops_outside_passes for variant in VARIANTS])
     assert counts[0] == counts[1] and min(counts[0]) > 0
+
+
+def test_the_oracle_answer_is_not_counted(model) -> None:
+    """`ops_per_step` counts what a trained model's sampler runs: the oracle's heads count the ops of the model's
+    heads and none of the one-hot answer it puts in their place (MDLM's benchmark runs the plain model)."""
+    oracle, hidden = OracleDenoiser(model), torch.randn(6, model.config.hidden_size + 1)
+    hidden[:, -1] = torch.arange(6.0)  # the oracle's position column
+    left, level = torch.tensor([0, 2, 3]), torch.full((3,), 0.5)
+    counts = []
+    for heads in (oracle, model):
+        rows = hidden if heads is oracle else hidden[:, :-1]
+        with OpCounter() as token, torch.no_grad():
+            heads.token_logits(rows)
+        with OpCounter() as gap, torch.no_grad():
+            heads.gap_logits(rows, left, level)
+        counts.append((token.ops, gap.ops))
+    assert counts[0] == counts[1] and min(counts[1]) > 0
 
 
 def test_training_benchmark(model) -> None:
