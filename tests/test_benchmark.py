@@ -112,6 +112,15 @@ def test_ops_outside_the_passes_do_not_depend_on_the_backbone() -> None:
     assert counts[0] == counts[1] and min(counts[0]) > 0
 
 
+def test_elastic_steps_add_only_the_gap_head_and_draws_to_mdlm_ops(model) -> None:
+    """Elastic-MDM's ops per step outside the passes exceed cached MDLM's by at most its gap head (9: open rows, their
+    owners, the pair gather, the MLP) and its gap draws (9: categorical 5, `Binomial(g, q_k)` 4): its insertion and
+    bookkeeping cost no more than MDLM's reveal bookkeeping (docs/benchmarks.md)."""
+    setup = oracle(model, [0, 3, 20, LENGTH - 2], num_steps=32)
+    elastic, mdlm = (counted_run(setup, variant)[1].ops_outside_passes / 32 for variant in VARIANTS[:2])
+    assert elastic - mdlm <= 9 + 9 + 0.5, (elastic, mdlm)  # + the start and output, spread over the steps
+
+
 def test_the_oracle_answer_is_not_counted(model) -> None:
     """`ops_per_step` counts what a trained model's sampler runs: the oracle's heads count the ops of the model's
     heads and none of the one-hot answer it puts in their place (MDLM's benchmark runs the plain model)."""
