@@ -154,11 +154,16 @@ class PassWork:
     tokens: int
     longest: int
 
+    @staticmethod
+    def counts(lengths: torch.Tensor, dirty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the device, the three scalars of the work of the `dirty` sequences of `lengths` `[B]`."""
+        selected = lengths * dirty  # [B] zero for the sequences a pass reuses
+        return dirty.sum(), selected.sum(), selected.max()
+
     @classmethod
     def of(cls, lengths: torch.Tensor, dirty: torch.Tensor, *more: torch.Tensor) -> tuple[PassWork, list[int]]:
         """The work of the `dirty` sequences of `lengths` `[B]`, read in one go with the scalars `more`."""
-        selected = lengths * dirty  # [B] zero for the sequences a pass reuses
-        sequences, tokens, longest, *values = host_read(dirty.sum(), selected.sum(), selected.max(), *more)
+        sequences, tokens, longest, *values = host_read(*cls.counts(lengths, dirty), *more)
         return cls(sequences, tokens, longest), values
 
 

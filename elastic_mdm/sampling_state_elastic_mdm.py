@@ -77,10 +77,13 @@ class ActiveState:
         tokens = self.tokens if on_device else self.tokens.to("cpu", copy=True)  # a snapshot, never a view
         return list(tokens.split(self.lengths.tolist()))
 
-    def select(self, keep: torch.Tensor) -> ActiveState:
-        """The state restricted to the rows flagged in `keep` `[T]` (order kept)."""
-        lengths = per_sequence_sum(keep.long(), self.sequence_ids, self.lengths.numel())
-        return ActiveState(self.tokens[keep], self.sequence_ids[keep], self.open_after[keep], lengths)
+    def select(self, keep: torch.Tensor, count: int, lengths: torch.Tensor | None = None) -> ActiveState:
+        """The state restricted to the rows flagged in `keep` `[T]` (order kept); `count`, the number of flagged
+        rows, known on the host (no read-back); `lengths` `[B]` the kept rows per sequence, when the caller has them."""
+        if lengths is None:
+            lengths = per_sequence_sum(keep.long(), self.sequence_ids, self.lengths.numel())
+        rows = torch.nonzero_static(keep, size=count).squeeze(-1)  # [count]
+        return ActiveState(self.tokens[rows], self.sequence_ids[rows], self.open_after[rows], lengths)
 
     def positions(self) -> torch.Tensor:
         """`[T]` index of every token inside its sequence."""

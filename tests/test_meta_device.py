@@ -29,7 +29,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import elastic_mdm.sampler_loop_elastic_mdm as sampler_loop
-import elastic_mdm.sampler_mdlm_elastic_mdm as sampler_mdlm
 from elastic_mdm import cuda_graphs
 from elastic_mdm.cuda_graphs import CUDAGraphDenoiser
 from elastic_mdm.packing import PackedSequences
@@ -109,13 +108,25 @@ SAMPLERS = {
     "elastic": lambda denoiser, state, options: sample_elastic(denoiser, state, options),
     "elastic-locked": lambda denoiser, state, options: sample_elastic(denoiser, state, options, lock_length=True),
     "mdlm": lambda denoiser, state, options: sample_mdlm(denoiser, state, options, eos_token_id=EOS),
+    "mdlm-template": lambda denoiser, state, options: sample_mdlm(
+        denoiser, state, options, eos_token_id=EOS, gap_budget=3
+    ),
 }
 
 
-def meta_options(num_steps: int, generator: torch.Generator | None) -> SamplerOptions:
+def templates() -> ActiveState:
+    """Two templates with open gaps, twice each, on the host."""
+    rows = [[BOS, 9, MASK, 10, MASK, EOS], [BOS, MASK, 11, EOS]]
+    return ActiveState.from_inputs(None, None, rows, 2, (BOS, EOS, MASK), torch.device("cpu"))
+
+
+STARTS = {"mdlm-template": templates}  # the start state of a sampler (`start_state` when not named)
+
+
+def meta_options(num_steps: int, generator: torch.Generator | None, use_cache: bool = True) -> SamplerOptions:
     return SamplerOptions(
         mask_token_id=MASK, pad_token_id=PAD, max_length=24, num_steps=num_steps, schedule=get_schedule("linear"),
-        generator=generator,
+        generator=generator, use_cache=use_cache,
     )  # fmt: skip
 
 
@@ -155,11 +166,15 @@ class MetaRun:
     error: Exception | None = None
 
 
-def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3, loop_only: bool = False) -> MetaRun:
+def run_on_meta(
+    monkeypatch, sampler: str, graphs: bool, seed: int = 3, loop_only: bool = False, num_steps: int = 8,
+    use_cache: bool = True,
+) -> MetaRun:  # fmt: skip
     """`SAMPLERS[sampler]` on a tiny random model, first on the host (recording `host_read`), then on `meta` with
     `host_read` returning the recorded values, through the model or (`graphs`) fake CUDA graphs around it.
-    `loop_only`: check the step loop (`step_range`) only; MDLM's canvas (its setup, which reads the device) is then
-    built from the host start state and moved to `meta`."""
+    `loop_only`: check the step loop (`step_range`) only. The run starts from `STARTS[sampler]()` (or
+    `start_state()`), with `num_steps` and `use_cache`."""
+    start = STARTS.get(sampler, start_state)
     model, tape = random_model(tame=False, seed=seed), ReadTape(monkeypatch)
 
     def wrap(model):
@@ -168,28 +183,23 @@ def run_on_meta(monkeypatch, sampler: str, graphs: bool, seed: int = 3, loop_onl
     monkeypatch.setattr(cuda_graphs, "GRAPH_CALLS", FakeGraphCalls())
     tape.record()
     with torch.no_grad():
-        SAMPLERS[sampler](wrap(model), start_state(), meta_options(8, torch.Generator().manual_seed(seed)))
+        SAMPLERS[sampler](wrap(model), start(), meta_options(num_steps, torch.Generator().manual_seed(seed), use_cache))
     tape.replay()
     check = DeviceCheck()
-    meta_model, meta_state = copy.deepcopy(model).to(META), on_meta(start_state())
+    meta_model, meta_state = copy.deepcopy(model).to(META), on_meta(start())
     if loop_only:
         check.recording = False
-        plain_canvas, plain_range = sampler_mdlm.mdlm_canvas, sampler_loop.step_range
-
-        def canvas_from_host(anchors: ActiveState, *args):
-            canvas, template_lengths = plain_canvas(start_state(), *args)
-            return on_meta(canvas), None if template_lengths is None else template_lengths.to(META)
+        plain_range = sampler_loop.step_range
 
         def checked_range(*args):
             check.recording = True
             yield from plain_range(*args)
             check.recording = False
 
-        monkeypatch.setattr(sampler_mdlm, "mdlm_canvas", canvas_from_host)
         monkeypatch.setattr(sampler_loop, "step_range", checked_range)
     try:
         with torch.no_grad(), check, HostDataCheck(check):
-            SAMPLERS[sampler](wrap(meta_model), meta_state, meta_options(8, None))
+            SAMPLERS[sampler](wrap(meta_model), meta_state, meta_options(num_steps, None, use_cache))
     except (NotImplementedError, RuntimeError) as error:  # meta tensors refuse a host read
         error_seen = error
     else:
@@ -208,21 +218,24 @@ def test_step_loops_run_on_meta(monkeypatch, sampler: str, graphs: bool) -> None
     assert run.reads >= 5 and run.replayed == run.reads, (run.replayed, run.reads, run.error)
 
 
-MDLM_OUTPUT_READS = pytest.mark.xfail(
-    strict=True,
-    reason="MDLM's final lengths depend on where its last step's fill writes EOS, after that step's one read (which "
-    "sizes the pass), so cutting the canvas reads the device once more (cut_at_first_eos: nonzero, select; the split "
-    "of the output); its setup also reads in mdlm_canvas (torch.equal, int(excess), insert_masks without total)",
-)
-
-
-@pytest.mark.parametrize(
-    "sampler", [pytest.param(name, marks=MDLM_OUTPUT_READS) if name == "mdlm" else name for name in SAMPLERS]
-)
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_whole_sampler_runs_on_meta(monkeypatch, sampler: str) -> None:
-    """From its start state to its output, a sampler run reads the device only through `host_read`."""
+    """From its start state to its output, a sampler run reads the device only through `host_read` (MDLM: its
+    canvas checks and sizes in the start read, its last step planned by the read before it, the cut lengths in the
+    output read)."""
     run = run_on_meta(monkeypatch, sampler, graphs=False)
     assert run.error is None and run.violations == [] and run.replayed == run.reads
+
+
+@pytest.mark.parametrize("num_steps", [1, 2, 3, 8])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("sampler", ["mdlm", "mdlm-template"])
+def test_mdlm_reads_once_per_step_with_its_output(monkeypatch, num_steps: int, use_cache: bool, sampler: str) -> None:
+    """MDLM from its start to its output on `meta`: `1 + K` reads in all, for every horizon (`K = 1`: the start
+    read plans the one step; `K >= 2`: step `K - 2`'s read plans the last step, whose read the output's takes)."""
+    run = run_on_meta(monkeypatch, sampler, graphs=False, num_steps=num_steps, use_cache=use_cache)
+    assert run.error is None and run.violations == []
+    assert run.reads == run.replayed == 1 + num_steps
 
 
 @pytest.mark.parametrize("time_conditioning", [False, True])
