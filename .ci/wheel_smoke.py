@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 import elastic_mdm
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.training import synthetic
+from elastic_mdm.data import synthetic
 from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
 from elastic_mdm.training.trainer import ElasticMDMTrainer
 

@@ -24,7 +24,7 @@ def length_sampler(spec: str, length: int) -> Callable[[int, torch.Generator], t
         low, high = (int(v) for v in spec.split(":")[1:])
         pool = torch.arange(low, high + 1)
     elif spec == "synthetic":
-        from elastic_mdm.training.synthetic import build_tokenizer, generate_records, record_length_distribution
+        from elastic_mdm.data.synthetic import build_tokenizer, generate_records, record_length_distribution
 
         pool = record_length_distribution(build_tokenizer(), generate_records(4000, seed=1))
     else:

@@ -16,14 +16,14 @@ import torch
 from transformers import AutoTokenizer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
+from elastic_mdm.data.arguments import DataArguments
+from elastic_mdm.data.corpus import length_statistics, load_datasets
+from elastic_mdm.data.synthetic import SCHEMAS
 from elastic_mdm.evaluation.lengths import length_sweep
 from elastic_mdm.evaluation.nelbo import nelbo_report
 from elastic_mdm.evaluation.samples import draw_samples
 from elastic_mdm.evaluation.structured import builtin_structured_tasks, json_validity, structured_validity
-from elastic_mdm.training.arguments import DataArguments
-from elastic_mdm.training.corpus import length_statistics, load_datasets
-from elastic_mdm.training.objectives import get_objective
-from elastic_mdm.training.synthetic import SCHEMAS
+from elastic_mdm.objectives.table import get_objective
 
 SAMPLERS = {"paper": {"lock_length": False}, "locked": {"lock_length": True}}
 

@@ -7,7 +7,7 @@ Every SchemaStore schema is stripped of its annotation keywords (`description`, 
 `$comment`, ...: keywords that never change which instances validate), kept if its compact JSON text has at most
 `--max_schema_chars` characters and uses no remote `$ref`, and given up to `--instances` distinct instances drawn by
 `hypothesis-jsonschema` (derandomised, `--seconds_per_schema` at most), printable ASCII, that validate against the
-schema with formats checked (`training.json_templates.validate_text`) and hold at least one scalar value. Schemas are
+schema with formats checked (`data.json_templates.validate_text`) and hold at least one scalar value. Schemas are
 split into train and validation by a hash of their name, so no schema is in both. Each output row is
 `{"name", "schema", "instance"}`: the layout `scripts/evaluate.py --structured_tasks FILE` reads, and the training
 rows of `--structured_train_file FILE` (the schema text as prompt, the instance's JSON structure as anchors). A
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from elastic_mdm.training.json_templates import to_text, validate_text
+from elastic_mdm.data.json_templates import to_text, validate_text
 
 ANNOTATIONS = frozenset(
     {"description", "markdownDescription", "title", "examples", "default", "$comment", "deprecationMessage",
@@ -186,10 +186,10 @@ def build(args: argparse.Namespace) -> dict[str, int]:
 
 
 def save_tokenizer(train_file: Path, folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE (`training.synthetic.build_tokenizer`) trained on the train rows' texts (the schema prompt
+    """A byte-level BPE (`data.synthetic.build_tokenizer`) trained on the train rows' texts (the schema prompt
     followed by the instance), saved to `folder`: the validation schemas are never seen by it."""
-    from elastic_mdm.training.schema_prompts import prompt_text, read_rows
-    from elastic_mdm.training.synthetic import build_tokenizer
+    from elastic_mdm.data.schema_prompts import prompt_text, read_rows
+    from elastic_mdm.data.synthetic import build_tokenizer
 
     texts = [prompt_text(r["schema"]) + to_text(r["instance"]) for r in read_rows(train_file)]
     build_tokenizer(texts, vocab_size=vocab_size).save_pretrained(folder)

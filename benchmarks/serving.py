@@ -1,6 +1,6 @@
 """Serving benchmark: a bounded load generator against `elastic-mdm serve` on localhost.
 
-Three servers on the same backbone, each a subprocess (`python -m elastic_mdm.serving`):
+Three servers on the same backbone, each a subprocess (`python -m elastic_mdm.commands serve`):
 
 * `Elastic-MDM`: this server, step-level continuous batching (`--max_running 64`);
 * `one at a time`: the same server with `--max_running 1` (requests queue and run alone, what a server without
@@ -71,13 +71,14 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m elastic_mdm.serving PATH` as a subprocess on a free port (stopped on exit)."""
+    """`python -m elastic_mdm.commands serve PATH` as a subprocess on a free port (stopped on exit)."""
 
     def __init__(self, path: Path, threads: int, *flags: str) -> None:
         self.port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        command = [sys.executable, "-m", "elastic_mdm.serving", str(path), "--port", str(self.port), "--device", "cpu",
-                   "--threads", str(threads), "--max_queue", "1024", "--log_level", "warning", *flags]  # fmt: skip
+        command = [sys.executable, "-m", "elastic_mdm.commands", "serve", str(path), "--port", str(self.port),
+                   "--device", "cpu", "--threads", str(threads), "--max_queue", "1024", "--log_level", "warning",
+                   *flags]  # fmt: skip
         self.process = subprocess.Popen(command, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
 

@@ -13,8 +13,8 @@ import torch
 
 from elastic_mdm.configuration_elastic_mdm import ElasticMDMConfig
 from elastic_mdm.modeling_elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.training.collators import TARGET_TOKENS
-from elastic_mdm.training.objectives import make_collator
+from elastic_mdm.objectives.collators import TARGET_TOKENS
+from elastic_mdm.objectives.table import make_collator
 
 from .counting import FlopModel
 from .timing import H100_BF16_DENSE_TFLOPS, autocast, efficiency, timed

@@ -5,12 +5,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from .configuration_elastic_mdm import ElasticMDMConfig
 from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from .modeling_elastic_mdm import ElasticMDMForDiffusionLM, ElasticMDMModel, ElasticMDMOutput
+from .objectives.collators import ElasticMDMCollator, MDLMCollator
 from .packing import PackedSequences
 from .sampler_elastic_mdm import sample_elastic
 from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions
 from .sampler_mdlm_elastic_mdm import sample_mdlm
 from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
-from .training.collators import ElasticMDMCollator, MDLMCollator
 
 AutoConfig.register("elastic_mdm", ElasticMDMConfig)
 AutoModel.register(ElasticMDMConfig, ElasticMDMForDiffusionLM)

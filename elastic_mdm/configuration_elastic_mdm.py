@@ -182,14 +182,14 @@ class ElasticMDMConfig(PretrainedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ValueError(
                     f"{name}={value!r} is not a token id of the vocabulary (0..{self.vocab_size - 1}); set it from "
-                    "the tokenizer (training.tokenizer.sync_config_with_tokenizer) or raise vocab_size."
+                    "the tokenizer (loading.tokenizers.sync_config_with_tokenizer) or raise vocab_size."
                 )
         for anchor in ("bos_token_id", "eos_token_id"):
             if self.mask_token_id is not None and self.mask_token_id == getattr(self, anchor):
                 raise ValueError(
                     f"mask_token_id={self.mask_token_id} equals {anchor}: the mask token must be its own token (the "
                     "sampler replaces every mask, so it would overwrite the anchor). Give the tokenizer a mask token "
-                    "(training.tokenizer.ensure_special_tokens) and set mask_token_id to it."
+                    "(loading.tokenizers.ensure_special_tokens) and set mask_token_id to it."
                 )
 
     @property

@@ -9,7 +9,8 @@ Streams shard by shard (peak memory ~ one source shard + one output shard). Opti
 
 import sys
 
-from elastic_mdm.conversion.convert import convert_llada_checkpoint, run_cli
+from elastic_mdm.commands.convert import run_cli
+from elastic_mdm.conversion.convert import convert_llada_checkpoint
 
 if __name__ == "__main__":
     run_cli(convert_llada_checkpoint, sys.argv[1:], __doc__)

@@ -9,7 +9,8 @@ ElasticMDMConfig override (values parsed as JSON: `--time_conditioning true`).
 
 import sys
 
-from elastic_mdm.conversion.convert import convert_mdlm_checkpoint, run_cli
+from elastic_mdm.commands.convert import run_cli
+from elastic_mdm.conversion.convert import convert_mdlm_checkpoint
 
 if __name__ == "__main__":
     run_cli(convert_mdlm_checkpoint, sys.argv[1:], __doc__)

@@ -5,10 +5,10 @@
     python scripts/evaluate.py --model_name_or_path user/elastic-owt --dataset_name openwebtext --num_steps 1024 \
         --structured_tasks schemas.jsonl --gen_ppl_model Qwen/Qwen3-0.6B-Base --device cuda --dtype bfloat16
 
-The metrics, flags and outputs are described in `elastic_mdm/evaluation/cli.py` (`--help` lists the flags).
+The metrics, flags and outputs are described in `elastic_mdm/commands/evaluate.py` (`--help` lists the flags).
 """
 
-from elastic_mdm.evaluation.cli import main
+from elastic_mdm.commands.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -6,10 +6,10 @@
 A YAML file gives any field of ModelArguments, DataArguments, ElasticMDMTrainingArguments and ReportArguments;
 command-line flags override it. An --output_dir that holds a model or checkpoint-* folders is refused unless
 --overwrite_output_dir is given or the run resumes from a checkpoint inside it (docs/security.md).
-The command is `elastic_mdm.training.cli.main`.
+The command is `elastic_mdm.commands.train.main`.
 """
 
-from elastic_mdm.training.cli import main
+from elastic_mdm.commands.train import main
 
 if __name__ == "__main__":
     main()

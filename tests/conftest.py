@@ -23,13 +23,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory) -> Path:
-    """One quick in-process run of the main job's config (`elastic_mdm.training.cli.main`, the command of
+    """One quick in-process run of the main job's config (`elastic_mdm.commands.train.main`, the command of
     scripts/train.py) with a small sample report, shared by every test that needs a trained checkpoint folder."""
     pytest.importorskip("jsonschema")
     pytest.importorskip("yaml")
     from helpers import QUICK
 
-    from elastic_mdm.training.cli import main
+    from elastic_mdm.commands.train import main
 
     output = tmp_path_factory.mktemp("run") / "tiny"
     metrics = main(
@@ -89,7 +89,7 @@ def isolated_python(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess
 @pytest.fixture(scope="session")
 def synthetic_tokenizer():
     """The built-in task's byte-level BPE on 200 records (the pipeline and lm-eval tests)."""
-    from elastic_mdm.training import synthetic
+    from elastic_mdm.data import synthetic
 
     return synthetic.build_tokenizer(num_records=200)
 

@@ -10,11 +10,11 @@ import pytest
 from helpers import SPECIALS, VOCAB, save_checkpoint, tiny_config, word_tokenizer
 
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.loading import cli as generate_cli
+from elastic_mdm.commands import generate as generate_cli
+from elastic_mdm.commands import train as train_cli
 from elastic_mdm.loading.checkpoints import load_checkpoint, local_or_hub, looks_local
-from elastic_mdm.training import cli as train_cli
+from elastic_mdm.loading.tokenizers import check_vocab
 from elastic_mdm.training.outputs import check_output_dir, check_resume_checkpoint, check_resume_config
-from elastic_mdm.training.tokenizer import check_vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -54,7 +54,7 @@ def test_load_checkpoint_uses_the_installed_class_not_the_folder_code(checkpoint
 
 
 def test_scripts_refuse_tokenizer_code(checkpoint: Path, tmp_path: Path) -> None:
-    from elastic_mdm.evaluation.cli import main as evaluate_main
+    from elastic_mdm.commands.evaluate import main as evaluate_main
 
     folder, marker = tmp_path / "tok", tmp_path / "ran.txt"
     save_checkpoint(folder)
@@ -123,7 +123,7 @@ def test_train_script_refuses_an_output_dir_holding_a_model(checkpoint: Path, tm
 
 
 class Captured(Exception):
-    """Stops the training command (`training.cli.main`) once the tokenizer is chosen."""
+    """Stops the training command (`commands.train.main`) once the tokenizer is chosen."""
 
 
 def test_train_script_fine_tunes_with_the_checkpoint_tokenizer(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:

@@ -29,7 +29,7 @@ from elastic_mdm.conversion.formats import translate
 from elastic_mdm.conversion.llada import LLADA, llada_config_kwargs
 from elastic_mdm.conversion.lora import lora_parameter_count
 from elastic_mdm.conversion.mdlm import MDLM, mdlm_config_kwargs
-from elastic_mdm.training.tokenizer import check_vocab
+from elastic_mdm.loading.tokenizers import check_vocab
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOGIT_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32, same math in a different order

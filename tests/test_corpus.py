@@ -9,20 +9,20 @@ import torch
 from transformers import HfArgumentParser, PreTrainedTokenizerFast
 
 from elastic_mdm import ElasticMDMConfig
-from elastic_mdm.training import synthetic
-from elastic_mdm.training.arguments import DataArguments
-from elastic_mdm.training.chunking import split_into_examples, tokenize_documents
-from elastic_mdm.training.collators import ElasticMDMCollator
-from elastic_mdm.training.corpus import infer_builder, length_statistics, length_summary, load_datasets
-from elastic_mdm.training.tokenizer import (
+from elastic_mdm.data import synthetic
+from elastic_mdm.data.arguments import DataArguments
+from elastic_mdm.data.chunking import split_into_examples, tokenize_documents
+from elastic_mdm.data.corpus import infer_builder, length_statistics, length_summary, load_datasets
+from elastic_mdm.data.synthetic import data_tokenizer
+from elastic_mdm.loading.tokenizers import (
     ADDED_BOS_TOKEN,
     ADDED_EOS_TOKEN,
     ADDED_MASK_TOKEN,
     check_vocab,
-    data_tokenizer,
     ensure_special_tokens,
     sync_config_with_tokenizer,
 )
+from elastic_mdm.objectives.collators import ElasticMDMCollator
 
 datasets = pytest.importorskip("datasets")
 

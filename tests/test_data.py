@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from elastic_mdm.objectives.collators import IGNORE_INDEX, ElasticMDMCollator, corrupt_packed
 from elastic_mdm.schedules import NoiseLevelSampler, RevealSchedule
-from elastic_mdm.training.collators import IGNORE_INDEX, ElasticMDMCollator, corrupt_packed
 
 BOS, EOS, MASK = 0, 1, 99
 

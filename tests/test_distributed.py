@@ -35,8 +35,8 @@ def probe(record_dir: str, argv: list[str]) -> None:
     trainings): the last one ends it as the command does."""
     from accelerate import Accelerator
 
-    from elastic_mdm.training import cli
-    from elastic_mdm.training.collators import PackingCollator
+    from elastic_mdm.commands import train as cli
+    from elastic_mdm.objectives.collators import PackingCollator
     from elastic_mdm.training.trainer import ElasticMDMTrainer
 
     runs = [[]]
@@ -127,8 +127,8 @@ def saved_and_loadable(output: Path) -> dict[str, torch.Tensor]:
 def base_checkpoint(folder: Path, block_type: str = "dit", **overrides) -> dict[str, torch.Tensor]:
     """A random tiny checkpoint on the synthetic task's tokenizer (what a LoRA run fine-tunes); its state dict."""
     from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-    from elastic_mdm.training.synthetic import build_tokenizer
-    from elastic_mdm.training.tokenizer import ensure_special_tokens, sync_config_with_tokenizer
+    from elastic_mdm.data.synthetic import build_tokenizer
+    from elastic_mdm.loading.tokenizers import ensure_special_tokens, sync_config_with_tokenizer
 
     tokenizer = build_tokenizer()
     ensure_special_tokens(tokenizer)
@@ -183,9 +183,9 @@ def test_streaming_two_processes_whole_disjoint_batches(tmp_path: Path) -> None:
     ranks: rank 0 got cu_seqlens of two batches for one batch's tokens, rank 1 an IndexError.)"""
     import yaml
 
-    from elastic_mdm.training import synthetic
-    from elastic_mdm.training.chunking import tokenize_documents
-    from elastic_mdm.training.tokenizer import ensure_special_tokens
+    from elastic_mdm.data import synthetic
+    from elastic_mdm.data.chunking import tokenize_documents
+    from elastic_mdm.loading.tokenizers import ensure_special_tokens
 
     records = [record["text"] for record in synthetic.generate_records(240, 7)]
     files = []

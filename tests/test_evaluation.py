@@ -8,8 +8,10 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+from elastic_mdm.commands.evaluate import main as evaluate_main
+from elastic_mdm.data.json_templates import GAP, fill_template, instance_template, to_text
+from elastic_mdm.data.synthetic import SCHEMAS, build_tokenizer, synthetic_dataset
 from elastic_mdm.evaluation.calibration import calibration_collator, calibration_table, gap_calibration, noise_bins
-from elastic_mdm.evaluation.cli import main as evaluate_main
 from elastic_mdm.evaluation.lengths import (
     ks_statistic,
     length_histogram_table,
@@ -29,9 +31,7 @@ from elastic_mdm.evaluation.structured import (
     structured_validity,
     template_fits,
 )
-from elastic_mdm.training.json_templates import GAP, fill_template, instance_template, to_text
-from elastic_mdm.training.synthetic import SCHEMAS, build_tokenizer, synthetic_dataset
-from elastic_mdm.training.tokenizer import sync_config_with_tokenizer
+from elastic_mdm.loading.tokenizers import sync_config_with_tokenizer
 
 
 def test_distances_hand_computed() -> None:
@@ -297,7 +297,7 @@ def test_reports(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The evaluate command (scripts/evaluate.py, evaluation.cli.main) end to end
+# The evaluate command (scripts/evaluate.py, commands.evaluate.main) end to end
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ def test_an_output_dir_holding_any_model_artefact_is_refused(tmp_path: Path, art
 
 
 def test_train_refuses_a_folder_holding_a_trained_adapter_before_any_work(tmp_path: Path) -> None:
-    from elastic_mdm.training import cli as train_cli
+    from elastic_mdm.commands import train as train_cli
 
     (tmp_path / "adapter_model.safetensors").write_bytes(b"trained")
     (tmp_path / "adapter_config.json").write_text("{}")
@@ -81,7 +81,7 @@ def test_schedule_table_is_bounded_before_it_is_allocated(monkeypatch) -> None:
 
 def test_nelbo_and_calibration_collators_refuse_unbounded_steps() -> None:
     from elastic_mdm.evaluation.calibration import calibration_collator
-    from elastic_mdm.training.objectives import make_collator
+    from elastic_mdm.objectives.table import make_collator
 
     with pytest.raises(ValueError, match="num_steps=1000000000 is above the limit"):
         make_collator("elastic", tiny_config(), nelbo=True, num_steps=TOO_MANY)
@@ -90,7 +90,7 @@ def test_nelbo_and_calibration_collators_refuse_unbounded_steps() -> None:
 
 
 def test_evaluate_and_train_refuse_unbounded_steps_at_parse_time(tmp_path: Path) -> None:
-    from elastic_mdm.evaluation.cli import parse_arguments
+    from elastic_mdm.commands.evaluate import parse_arguments
     from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
 
     with pytest.raises(ValueError, match="--num_steps=1000000000 is above the limit"):
@@ -191,7 +191,7 @@ def test_generate_refuses_values_it_would_ignore_or_round(model, field: str, val
 
 
 def test_evaluate_generate_kwargs_cannot_override_the_reported_flags() -> None:
-    from elastic_mdm.evaluation.cli import parse_arguments
+    from elastic_mdm.commands.evaluate import parse_arguments
 
     base = ["--model_name_or_path", "x", "--num_steps", "4"]
     with pytest.raises(ValueError, match=r"--generate_kwargs sets num_steps \(--num_steps\)"):
@@ -207,7 +207,7 @@ def test_evaluate_generate_kwargs_cannot_override_the_reported_flags() -> None:
 
 
 def test_evaluate_structured_tasks_from_an_empty_file_is_an_error(tmp_path: Path) -> None:
-    from elastic_mdm.evaluation.cli import parse_arguments, structured_tasks
+    from elastic_mdm.commands.evaluate import parse_arguments, structured_tasks
 
     empty = tmp_path / "EMPTY.jsonl"
     empty.write_text("\n")
@@ -221,8 +221,8 @@ def test_evaluate_structured_tasks_from_an_empty_file_is_an_error(tmp_path: Path
 
 def test_structured_gap_budget_is_refused_for_the_elastic_objective(tmp_path: Path) -> None:
     """It padded every value of an Elastic-MDM run (and dropped the rows with a longer value) without a word."""
+    from elastic_mdm.commands.train import check_training_paths
     from elastic_mdm.training.arguments import DataArguments, ElasticMDMTrainingArguments, ModelArguments
-    from elastic_mdm.training.cli import check_training_paths
 
     rows = str(tmp_path / "rows.jsonl")
     data = DataArguments(structured_train_file=rows, structured_gap_budget=4)
@@ -274,7 +274,7 @@ def test_generate_refuses_ids_outside_the_vocabulary(model, name: str, bad: int)
 
 @pytest.mark.parametrize("bad", [VOCAB, -100])
 def test_collator_refuses_ids_outside_the_vocabulary_naming_the_feature(bad: int) -> None:
-    from elastic_mdm.training.objectives import make_collator
+    from elastic_mdm.objectives.table import make_collator
 
     collator = make_collator("elastic", tiny_config(), seed=0)
     good = {"input_ids": [BOS, 5, 6, EOS]}
@@ -344,8 +344,8 @@ def test_convert_overwrite_removes_the_old_tokenizer_and_adapter(tmp_path: Path)
 
 
 def test_a_garbage_line_in_structured_rows_names_the_file_and_line(tmp_path: Path) -> None:
+    from elastic_mdm.data.schema_prompts import read_rows
     from elastic_mdm.evaluation.structured import load_structured_tasks
-    from elastic_mdm.training.schema_prompts import read_rows
 
     rows = tmp_path / "rows.jsonl"
     good = json.dumps({"schema": {"type": "object"}, "instance": {"a": "b"}})
@@ -357,7 +357,7 @@ def test_a_garbage_line_in_structured_rows_names_the_file_and_line(tmp_path: Pat
 
 
 def test_a_literal_mask_token_in_a_structured_row_is_text() -> None:
-    from elastic_mdm.training.schema_prompts import structured_feature
+    from elastic_mdm.data.schema_prompts import structured_feature
 
     tokenizer = word_tokenizer()
     feature = structured_feature(tokenizer, {"type": "object"}, {"a": "<mask> w5"}, schema_prompt=False)

@@ -17,7 +17,7 @@ pytest.importorskip("jsonschema")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from elastic_mdm.integrations.lm_eval import ElasticMDMLM, conditional_nelbo_terms  # noqa: E402
-from elastic_mdm.training.nelbo import ElasticNELBOCollator, elastic_nelbo_terms  # noqa: E402
+from elastic_mdm.objectives.nelbo import ElasticNELBOCollator, elastic_nelbo_terms  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The NELBO of `elastic_mdm.training.nelbo`, checked by enumeration on a toy model (vocabulary of a few tokens, n <= 3,
+"""The NELBO of `objectives.nelbo`, checked by enumeration on a toy model (vocabulary of a few tokens, n <= 3,
 K <= 3): every reveal-step assignment of x0 is one sampler trajectory, so the exact `-log p_model(x0)` and the exact
 expectation of the estimator are finite sums.
 
@@ -18,9 +18,9 @@ import torch
 from helpers import BOS, EOS, MASK, tiny_config
 
 from elastic_mdm import ElasticMDMForDiffusionLM
+from elastic_mdm.objectives.collators import IGNORE_INDEX, corrupt_packed
+from elastic_mdm.objectives.nelbo import ElasticNELBOCollator, elastic_nelbo_terms, gap_nelbo_terms
 from elastic_mdm.schedules import get_schedule, reveal_probability
-from elastic_mdm.training.collators import IGNORE_INDEX, corrupt_packed
-from elastic_mdm.training.nelbo import ElasticNELBOCollator, elastic_nelbo_terms, gap_nelbo_terms
 
 A, B = 4, 5  # the interior tokens of the toy x0s
 
@@ -85,7 +85,7 @@ def log_insertion_probability(log_gap: torch.Tensor, m: int, q: float) -> float:
 
 def reference(model, x0: list[int], schedule, num_steps: int) -> tuple[float, float, float]:
     """`(-log p_model(x0), ELBO, expected CE sum)` by enumeration of every reveal-step assignment, from the
-    sampler's probabilities (`P_k(m)`, token probabilities), not from `elastic_mdm.training.nelbo`."""
+    sampler's probabilities (`P_k(m)`, token probabilities), not from `elastic_mdm.objectives.nelbo`."""
     table = schedule.table(num_steps).tolist()
     n = len(x0) - 2
     log_p, elbo, ce_sum = [], 0.0, 0.0
@@ -216,7 +216,7 @@ def test_collator_reveals_match_the_next_step(toy_model) -> None:
 def test_nelbo_collator_keeps_each_copy_a_sequence_of_its_own() -> None:
     """Every sequence appears twice (step 0, then step k) with its own boundaries: `cu_seqlens` of the copies are
     the sequence lengths twice over, for one sequence and for several."""
-    from elastic_mdm.training.nelbo import ElasticNELBOCollator
+    from elastic_mdm.objectives.nelbo import ElasticNELBOCollator
 
     collator = ElasticNELBOCollator(3, 1, 2, 64, seed=0, num_steps=4)
     for lengths in ([6], [3, 4, 5]):

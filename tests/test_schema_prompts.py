@@ -9,8 +9,8 @@ import json
 import pytest
 
 from benchmarks import schemastore
-from elastic_mdm.training import schema_prompts
-from elastic_mdm.training.json_templates import (
+from elastic_mdm.data import schema_prompts
+from elastic_mdm.data.json_templates import (
     encode_piece,
     instance_template,
     instance_values,
@@ -18,7 +18,7 @@ from elastic_mdm.training.json_templates import (
     to_text,
     validate_text,
 )
-from elastic_mdm.training.synthetic import build_tokenizer
+from elastic_mdm.data.synthetic import build_tokenizer
 
 SCHEMA = {
     "type": "object",
@@ -124,7 +124,7 @@ def test_draw_instances_are_distinct_plain_and_valid() -> None:
 
 
 def test_structured_datasets_follow_the_data_arguments(tokenizer, tmp_path) -> None:
-    from elastic_mdm.training.arguments import DataArguments
+    from elastic_mdm.data.arguments import DataArguments
 
     rows = [{"schema": SCHEMA, "instance": INSTANCE}, {"schema": {"type": "integer"}, "instance": 7}]
     path = tmp_path / "train.jsonl"
@@ -147,8 +147,8 @@ def test_structured_datasets_follow_the_data_arguments(tokenizer, tmp_path) -> N
 def test_evaluate_holds_out_the_structured_eval_file(tokenizer, tmp_path) -> None:
     """`scripts/evaluate.py --structured_eval_file F` measures NELBO, calibration and lengths on F's rows, featurized
     as in training (not silently on no data)."""
-    from elastic_mdm.evaluation.cli import heldout_dataset
-    from elastic_mdm.training.arguments import DataArguments
+    from elastic_mdm.commands.evaluate import heldout_dataset
+    from elastic_mdm.data.arguments import DataArguments
 
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps({"schema": SCHEMA, "instance": INSTANCE}) + "\n")

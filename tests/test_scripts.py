@@ -10,8 +10,8 @@ import pytest
 import torch
 from helpers import QUICK
 
-from elastic_mdm.loading import cli as generate_cli
-from elastic_mdm.training import cli as train_cli
+from elastic_mdm.commands import generate as generate_cli
+from elastic_mdm.commands import train as train_cli
 
 pytest.importorskip("jsonschema")
 pytest.importorskip("yaml")
@@ -138,7 +138,7 @@ class Refuse(importlib.abc.MetaPathFinder):  # what a machine without matplotlib
         if name.split(".")[0] == "matplotlib":
             raise ModuleNotFoundError(f"No module named {name!r}")
 sys.meta_path.insert(0, Refuse())
-from elastic_mdm.training.cli import main
+from elastic_mdm.commands.train import main
 main(sys.argv[1:])
 """
 

@@ -38,7 +38,7 @@ class LiveServer:
     """`elastic-mdm serve` in a thread of this process (uvicorn), stopped by the fixture's finalizer."""
 
     def __init__(self, checkpoint: Path, *flags: str) -> None:
-        from elastic_mdm.serving.cli import build_app, serve_parser
+        from elastic_mdm.commands.serve import build_app, serve_parser
 
         self.port = free_port()
         args = serve_parser().parse_args([str(checkpoint), "--port", str(self.port), "--device", "cpu", *flags])

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from elastic_mdm.training import synthetic
-from elastic_mdm.training.json_templates import GAP, fill_template, json_template, template_values, validate_text
-from elastic_mdm.training.synthetic import (
+from elastic_mdm.data import synthetic
+from elastic_mdm.data.json_templates import GAP, fill_template, json_template, template_values, validate_text
+from elastic_mdm.data.synthetic import (
     SCHEMA_NAMES,
     SCHEMAS,
     build_tokenizer,

@@ -9,7 +9,7 @@ from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
 from elastic_mdm.training.trainer import ElasticMDMTrainer
 
 pytest.importorskip("jsonschema")
-from elastic_mdm.training import synthetic  # noqa: E402
+from elastic_mdm.data import synthetic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,7 @@ def test_a_training_step_reads_the_device_once(monkeypatch, tmp_path, tokenizer,
     collator built and selects the loss rows from the counts it read (no `nonzero`, no `.tolist()`)."""
     from helpers import HostSyncRecorder
 
-    from elastic_mdm.training.collators import PackingCollator
+    from elastic_mdm.objectives.collators import PackingCollator
 
     train, _ = records
     trainer = ElasticMDMTrainer(model=tiny_model(tokenizer), args=arguments(tmp_path, objective=objective))

@@ -13,7 +13,7 @@ from helpers import BOS, EOS, MASK, MAX_POS, VOCAB, save_checkpoint, tiny_config
 from safetensors.torch import load_file, save_file
 
 from elastic_mdm import ElasticMDMCollator, ElasticMDMForDiffusionLM
-from elastic_mdm.loading import cli as generate_cli
+from elastic_mdm.commands import generate as generate_cli
 from elastic_mdm.loading.checkpoints import load_checkpoint
 from elastic_mdm.schedules import MAX_NUM_STEPS
 
@@ -223,7 +223,7 @@ def test_generate_script_never_overwrites_a_checkpoint_file(tmp_path: Path) -> N
 
 
 def test_evaluate_script_refuses_negative_counts() -> None:
-    from elastic_mdm.evaluation.cli import main as evaluate_main
+    from elastic_mdm.commands.evaluate import main as evaluate_main
 
     with pytest.raises(ValueError, match="--num_samples must be >= 0, got -3"):
         evaluate_main(["--model_name_or_path", "unused", "--num_samples", "-3"])

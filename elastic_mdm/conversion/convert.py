@@ -1,4 +1,4 @@
-"""The converters and their command line: `convert_mdlm_checkpoint`, `convert_llada_checkpoint`, `run_cli`.
+"""The converters: `convert_mdlm_checkpoint`, `convert_llada_checkpoint` (their command: `commands/convert.py`).
 
 A converter reads the source `config.json` and weight files itself (the original remote code predates Transformers
 v5), renames every tensor (`mdlm.py`, `llada.py`), adds the new modules (gap head; adaLN for a LLaDA model converted
@@ -31,10 +31,7 @@ without parameters of their own, the adaLN zeroing of `adaln=True` (see `writer.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,50 +150,3 @@ def convert_llada_checkpoint(src: str | Path, dst: str | Path, **kwargs: Any) ->
     The tokenizer files of `src` are copied, with `<|mdm_mask|>` declared as the mask token.
     """
     return convert_checkpoint(LLADA, src, dst, **kwargs)
-
-
-def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """`["--max_gap", "2048", "--adaln=true"]` -> `{"max_gap": 2048, "adaln": True}` (values parsed as JSON when
-    they are JSON, else kept as strings)."""
-    overrides, index = {}, 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--") or len(token) == 2:
-            raise ValueError(f"Expected --field value, got {token!r}.")
-        name, has_value, value = token[2:].partition("=")
-        if not has_value:
-            if index + 1 >= len(tokens) or tokens[index + 1].startswith("--"):
-                raise ValueError(f"--{name} needs a value.")
-            index += 1
-            value = tokens[index]
-        try:
-            overrides[name.replace("-", "_")] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[name.replace("-", "_")] = value
-        index += 1
-    return overrides
-
-
-def run_cli(converter: Callable[..., Path], argv: list[str] | None, description: str | None) -> Path:
-    """`SRC DST [--dtype D] [--max_shard_size S] [--seed N] [--tokenizer T] [--revision R] [--overwrite]
-    [--<config field> <value> ...]`: the converter's options, then ElasticMDMConfig overrides (after SRC DST)."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
-    parser.add_argument("src", help="Hub repo id or local checkpoint folder")
-    parser.add_argument("dst", help="output folder")
-    parser.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: keep the source dtype)")
-    parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the new modules' initialisation")
-    parser.add_argument("--tokenizer", help="tokenizer to save with the model when the source has none")
-    parser.add_argument("--revision")
-    parser.add_argument("--overwrite", action="store_true")
-    args, extra = parser.parse_known_args(argv)
-    try:
-        overrides = parse_overrides(extra)
-    except ValueError as error:
-        parser.error(str(error))
-    options = {k: v for k, v in vars(args).items() if k not in ("src", "dst") and v is not None}
-    path = converter(args.src, args.dst, **options, **overrides)
-    print(f"Wrote the Elastic-MDM checkpoint {path}")
-    return path

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..configuration_elastic_mdm import ElasticMDMConfig
-from ..training.tokenizer import ADDED_MASK_TOKEN, load_tokenizer
+from ..loading.tokenizers import ADDED_MASK_TOKEN, load_tokenizer
 from .checkpoint_io import TOKENIZER_FILES
 
 logger = logging.getLogger(__name__)
@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 def source_tokenizer(folder: Path, tokenizer: str | Path | None):
     """The tokenizer to save with the model: `tokenizer` (Hub id or folder) when given, else the source folder's.
 
-    Both load with `training.tokenizer.load_tokenizer` (the source's remote code is never run). A given tokenizer
+    Both load with `loading.tokenizers.load_tokenizer` (the source's remote code is never run). A given tokenizer
     that does not load is an error; the source folder's gives None when the folder has no tokenizer files or when
     they do not load (they are then copied as they are, `save_tokenizer`)."""
     if tokenizer is not None:

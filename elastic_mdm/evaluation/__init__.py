@@ -7,6 +7,7 @@
 * `calibration`: gap-head calibration on corrupted held-out batches;
 * `structured`: structured-output templates, their fills and their JSON validity;
 * `reports`: the training run's sample report and the evaluation's JSON and Markdown reports;
-* `plots`: the length histogram, trajectory and K-sweep charts (matplotlib);
-* `cli`: the evaluate command (`scripts/evaluate.py`, `main(argv)`).
+* `plots`: the length histogram, trajectory and K-sweep charts (matplotlib).
+
+The evaluate command composing them is `commands/evaluate.py` (`scripts/evaluate.py`).
 """

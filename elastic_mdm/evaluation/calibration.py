@@ -15,10 +15,10 @@ from collections.abc import Iterable
 
 import torch
 
+from ..objectives.collators import IGNORE_INDEX, ElasticMDMCollator
+from ..objectives.table import make_collator
 from ..packing import PackedSequences
 from ..schedules import NoiseLevelSampler, get_schedule
-from ..training.collators import IGNORE_INDEX, ElasticMDMCollator
-from ..training.objectives import make_collator
 
 
 def calibration_collator(

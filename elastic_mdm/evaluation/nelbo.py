@@ -1,40 +1,24 @@
 """The held-out NELBO of a checkpoint, outside a training run, with the training run's own code.
 
 `nelbo_report` computes exactly what `ElasticMDMTrainer.evaluate` logs as `eval_nelbo_bits_per_token`
-(`training.trainer.nelbo_metrics` over the objective's seeded evaluation collator): for the elastic objective
-`Σ_gaps l_0 + K · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence (`training/nelbo.py`,
+(`objectives.metrics.nelbo_metrics` over the objective's seeded evaluation collator): for the elastic objective
+`Σ_gaps l_0 + K · [Σ_masks CE + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence (`objectives/nelbo.py`,
 docs/design.md), MDLM's bound `E_t[(1/t) Σ_masks CE]` for `mdlm`, divided by the `n + 1` tokens of each sequence.
 
-`nelbo_metrics` takes the accelerator only for `autocast()` and `reduce()`. Here one process evaluates, so
-`SingleProcess` gives those two (the identity reduce) instead of going through the Trainer or a real
-`accelerate.Accelerator`:
-
-* building an `ElasticMDMTrainer` reseeds the global RNGs (`Trainer.__init__` calls `set_seed`) and creates its
-  `output_dir` on disk, side effects a measuring function must not have, and its loader has no `max_batches`;
-* an `Accelerator` sets the process-wide `AcceleratorState`, whose mixed precision cannot change afterwards
-  ("AcceleratorState has already been initialized and cannot be changed"): a bf16 evaluation in a process that
-  already trained in fp32 (the tests, a notebook) would fail.
+It calls `objectives.metrics` directly (one process: the identity reduce, no autocast) rather than building an
+`ElasticMDMTrainer`, which reseeds the global RNGs (`Trainer.__init__` calls `set_seed`) and creates its
+`output_dir` on disk, side effects a measuring function must not have.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch.utils.data import DataLoader
 
-
-class SingleProcess:
-    """What `trainer.nelbo_metrics` needs of an `accelerate.Accelerator`, for one process: `autocast()` (none: the
-    model runs in its own dtype) and `reduce()` (the identity: one process holds every term)."""
-
-    def autocast(self) -> AbstractContextManager:
-        return nullcontext()
-
-    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-        return tensor
+from ..objectives.metrics import evaluation_collator, nelbo_metrics
 
 
 def heldout_batches(
@@ -63,8 +47,6 @@ def nelbo_report(
     with the objective's evaluation collator and seeded noise (see the module docstring). With `num_draws > 1` the
     metrics average that many independent noise draws of the data (seeds `seed`, `seed + 1`, ...) and
     `nelbo_bits_per_token_se = std(bits) / √num_draws` is the standard error of the bits per token between draws."""
-    from ..training.trainer import evaluation_collator, nelbo_metrics
-
     if num_draws < 1:
         raise ValueError(f"num_draws must be >= 1, got {num_draws}.")
     draws = []
@@ -72,7 +54,7 @@ def nelbo_report(
         collator = evaluation_collator(model.config.objective, model.config, schedule, num_steps, draw_seed)
         batches = heldout_batches(dataset, collator, batch_size, model.device, max_batches)
         with torch.no_grad():
-            draws.append(nelbo_metrics(model, batches, model.config.objective, SingleProcess()))
+            draws.append(nelbo_metrics(model, batches, model.config.objective))
     report = {key: sum(d[key] for d in draws) / num_draws for key in draws[0]}
     if num_draws > 1:
         bits = torch.tensor([d["nelbo_bits_per_token"] for d in draws], dtype=torch.float64)
@@ -80,4 +62,4 @@ def nelbo_report(
     return report
 
 
-__all__ = ["SingleProcess", "heldout_batches", "nelbo_report"]
+__all__ = ["heldout_batches", "nelbo_report"]

@@ -1,5 +1,5 @@
 """Reports of measurements: the sample report a training run writes next to its checkpoint, and the JSON and
-Markdown reports of `elastic_mdm.evaluation.cli` (every model's metrics side by side).
+Markdown reports of `elastic_mdm.commands.evaluate` (every model's metrics side by side).
 
 An evaluation report is `{"settings": {...}, "models": {label: {section: metrics}}}`; its Markdown has one table of
 the scalar metrics (`"section.name"` rows, one column per model), then each model's calibration table and length

@@ -1,6 +1,6 @@
 """Structured output (paper §5.4): templates whose structure tokens are anchors and whose values are open gaps,
 filled by `generate(template_ids=...)`, scored by the share of fills that parse as JSON and validate against
-their schema (`training.json_templates.validate_text`, formats checked).
+their schema (`data.json_templates.validate_text`, formats checked).
 
 A template is `BOS .. EOS` with the mask token at each open gap (`json_templates.template_ids`); its pieces come
 from the schema (`json_template`) or from an instance (`instance_template`, arrays keep their length). An MDLM
@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ..training.json_templates import instance_template, json_template, template_ids, validate_text
-from ..training.objectives import get_objective
-from ..training.schema_prompts import iter_rows, prompt_text, with_schema_prompt
-from ..training.synthetic import SCHEMAS, template_token_ids
+from ..data.json_templates import instance_template, json_template, template_ids, validate_text
+from ..data.schema_prompts import iter_rows, prompt_text, with_schema_prompt
+from ..data.synthetic import SCHEMAS, template_token_ids
+from ..objectives.table import get_objective
 from .samples import decode_samples
 
 
@@ -47,7 +47,7 @@ def load_structured_tasks(
     """Tasks of a JSONL file of `{"schema": ..., "instance": ...}` rows (optional `"name"`). The template comes from
     the instance (`instance_template`); rows without an instance use the schema's template (`json_template`:
     objects, arrays as one gap, strings, scalars). With `schema_prompt`, the compact schema text and a newline come
-    first, as anchors (`training.schema_prompts`, the schema-only setting the model was trained on)."""
+    first, as anchors (`data.schema_prompts`, the schema-only setting the model was trained on)."""
     tasks: list[StructuredTask] = []
     if limit == 0:
         return tasks

@@ -52,10 +52,10 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
 
 from ..loading.checkpoints import load_model_and_tokenizer
+from ..objectives.collators import TARGET_TOKENS
+from ..objectives.nelbo import elastic_nelbo_terms
+from ..objectives.table import get_objective, make_collator
 from ..schedules import check_num_steps
-from ..training.collators import TARGET_TOKENS
-from ..training.nelbo import elastic_nelbo_terms
-from ..training.objectives import get_objective, make_collator
 
 MODEL_NAME = "elastic_mdm"
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")

@@ -146,7 +146,7 @@ def load_checkpoint(
 
 def load_checkpoint_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer saved with a checkpoint; `trust_remote_code=False` refuses a tokenizer that needs its own code."""
-    from ..training.tokenizer import load_tokenizer
+    from .tokenizers import load_tokenizer
 
     return load_tokenizer(local_or_hub(name), trust_remote_code=trust_remote_code)
 
@@ -161,7 +161,7 @@ def load_model_and_tokenizer(
 ):
     """`(model, tokenizer)`: `load_checkpoint`, the checkpoint's own tokenizer unless `tokenizer` is given, and a
     ValueError naming every way the two disagree (`check_vocab`)."""
-    from ..training.tokenizer import check_vocab
+    from .tokenizers import check_vocab
 
     model = load_checkpoint(name, device, dtype, trust_remote_code, **kwargs)
     tokenizer = tokenizer or load_checkpoint_tokenizer(name, trust_remote_code)

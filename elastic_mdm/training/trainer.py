@@ -6,7 +6,6 @@ their sum. Evaluation reports the NELBO of a fixed K-step process as bits per to
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -15,9 +14,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..objectives.collators import TARGET_TOKENS, PackingCollator
+from ..objectives.metrics import evaluation_collator, nelbo_metrics
+from ..objectives.table import get_objective, make_collator
 from .arguments import ElasticMDMTrainingArguments
-from .collators import TARGET_TOKENS, PackingCollator
-from .objectives import get_objective, make_collator
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_card.md"  # package data (pyproject)
 
@@ -27,12 +27,6 @@ def make_collators(args: ElasticMDMTrainingArguments, config) -> tuple[PackingCo
     the global RNG (checkpointed by the Trainer: exact resume); evaluation noise is seeded (the same every run)."""
     train = make_collator(args.objective, config, noise_sampler=args.noise_sampler(), defer_noise=True)
     return train, evaluation_collator(args.objective, config, args.eval_schedule, args.eval_num_steps, args.seed)
-
-
-def evaluation_collator(objective: str, config, schedule: str, num_steps: int, seed: int) -> PackingCollator:
-    """The NELBO collator of the K-step process (`num_steps`, `schedule`) of a run seeded `seed`: its noise is
-    seeded with `seed + 1`, so a checkpoint's held-out NELBO is the same number in training and afterwards."""
-    return make_collator(objective, config, nelbo=True, schedule=schedule, num_steps=num_steps, seed=seed + 1)
 
 
 def freeze_gap_head(model: torch.nn.Module) -> None:
@@ -163,7 +157,13 @@ class ElasticMDMTrainer(Trainer):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset.")
-        metrics = nelbo_metrics(self.model, self._eval_dataloader(dataset), self.args.objective, self.accelerator)
+        metrics = nelbo_metrics(
+            self.model,
+            self._eval_dataloader(dataset),
+            self.args.objective,
+            reduce=lambda stats: self.accelerator.reduce(stats, reduction="sum"),
+            autocast=self.accelerator.autocast,
+        )
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -189,32 +189,6 @@ class ElasticMDMTrainer(Trainer):
             num_workers=self.args.dataloader_num_workers,
         )
         return self.accelerator.prepare(loader)
-
-
-def nelbo_metrics(model, loader, objective: str, accelerator) -> dict[str, float]:
-    """Mean per-sequence step terms and the NELBO as bits per token and perplexity bound over `loader`.
-
-    Elastic: `Σ_gaps l_0 + K · [token CE at step k + Σ_gaps l_k(g, m)]` at one `k ~ U{1..K}` per sequence (`nelbo.py`);
-    MDLM: its continuous-time bound `E_t[(1/t) Σ_masks CE]`. Both are divided by `n + 1` tokens per sequence."""
-    model.eval()
-    sequence_nelbo = get_objective(objective).sequence_nelbo
-    totals = defaultdict(float)
-    for batch in loader:
-        tokens = batch.pop(TARGET_TOKENS).float()  # [B] n + 1
-        with accelerator.autocast():
-            token_loss, gap_loss, nelbo = sequence_nelbo(model, batch)  # elastic: [2B], step 0 and step k of each
-        sequences = (tokens > 0).sum().float()  # the NELBO batches hold each sequence twice, counted once
-        stats = torch.stack([nelbo.sum(), tokens.sum(), token_loss.sum(), gap_loss.sum(), sequences])
-        stats = accelerator.reduce(stats.float(), reduction="sum")
-        for name, value in zip(("nelbo", "tokens", "token_loss", "gap_loss", "sequences"), stats.tolist(), strict=True):
-            totals[name] += value
-    nats_per_token = totals["nelbo"] / max(totals["tokens"], 1.0)
-    return {
-        "token_loss": totals["token_loss"] / max(totals["sequences"], 1.0),
-        "gap_loss": totals["gap_loss"] / max(totals["sequences"], 1.0),
-        "nelbo_bits_per_token": nats_per_token / math.log(2),
-        "ppl_bound": math.exp(min(nats_per_token, 50.0)),
-    }
 
 
 def build_model_card(
@@ -284,9 +258,7 @@ __all__ = [
     "ElasticMDMTrainer",
     "TokensEncoded",
     "make_collators",
-    "evaluation_collator",
     "freeze_gap_head",
     "read_streams_per_process",
-    "nelbo_metrics",
     "build_model_card",
 ]

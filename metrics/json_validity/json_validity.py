@@ -1,4 +1,4 @@
-"""Structured-output validity: an `evaluate` metric over `elastic_mdm.training.json_templates.validate_text` (§5.4).
+"""Structured-output validity: an `evaluate` metric over `elastic_mdm.data.json_templates.validate_text` (§5.4).
 
     import evaluate
     metric = evaluate.load("metrics/json_validity")
@@ -12,7 +12,7 @@ import json
 import datasets
 import evaluate
 
-from elastic_mdm.training.json_templates import validate_text
+from elastic_mdm.data.json_templates import validate_text
 
 _DESCRIPTION = """Share of texts that parse as strict JSON (`parse_rate`) and share that also validate against
 their JSON Schema with formats checked (`json_validity`), as in the paper's schema-only JSON generation task."""

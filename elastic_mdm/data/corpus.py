@@ -31,7 +31,7 @@ from transformers.utils import logging
 from . import synthetic
 from .arguments import SYNTHETIC_DATASET, DataArguments
 from .chunking import check_max_length, tokenize_documents
-from .tokenizer import anchor_ids, where_hub
+from ..loading.tokenizers import anchor_ids, where_hub
 
 logger = logging.get_logger(__name__)
 

@@ -22,6 +22,10 @@ from transformers import HfArgumentParser, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from ..configuration_elastic_mdm import ElasticMDMConfig
+from ..data.arguments import DataArguments
+from ..data.corpus import length_statistics, load_datasets
+from ..data.schema_prompts import check_gap_budget
+from ..data.synthetic import data_tokenizer
 from ..loading.checkpoints import (
     check_finite_weights,
     check_model_type,
@@ -29,15 +33,13 @@ from ..loading.checkpoints import (
     local_or_hub,
     saved_tokenizer,
 )
+from ..loading.tokenizers import check_vocab, ensure_special_tokens, sync_config_with_tokenizer
 from ..modeling_elastic_mdm import ElasticMDMForDiffusionLM
-from .arguments import NOT_SHAPE, DataArguments, ElasticMDMTrainingArguments, ModelArguments, ReportArguments
-from .corpus import length_statistics, load_datasets
-from .lora import add_lora, merge_lora, save_merged_zero3
-from .objectives import get_objective
-from .outputs import check_output_dir, check_resume_checkpoint, check_resume_config
-from .schema_prompts import check_gap_budget
-from .tokenizer import check_vocab, data_tokenizer, ensure_special_tokens, sync_config_with_tokenizer
-from .trainer import ElasticMDMTrainer
+from ..objectives.table import get_objective
+from ..training.arguments import NOT_SHAPE, ElasticMDMTrainingArguments, ModelArguments, ReportArguments
+from ..training.lora import add_lora, merge_lora, save_merged_zero3
+from ..training.outputs import check_output_dir, check_resume_checkpoint, check_resume_config
+from ..training.trainer import ElasticMDMTrainer
 
 RESUME_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "mask_token_id", "block_type", "hidden_size",
                  "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
@@ -226,10 +228,10 @@ def report_model(model: ElasticMDMForDiffusionLM, training_args: ElasticMDMTrain
 
 def report(model, tokenizer, eval_dataset, data_args, training_args, report_args) -> dict:
     """Sample, print the length table and validity, write the PNG and JSON next to the checkpoint."""
+    from ..data.synthetic import SCHEMAS
     from ..evaluation.lengths import length_sweep
     from ..evaluation.reports import markdown_table, sample_report
     from ..evaluation.structured import builtin_structured_tasks
-    from .synthetic import SCHEMAS
 
     model.eval()
     schemas = tasks = None

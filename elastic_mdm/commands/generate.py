@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import load_model_and_tokenizer
+from ..loading.checkpoints import load_model_and_tokenizer
 
 
 def parse_arguments(argv: list[str]) -> argparse.Namespace:

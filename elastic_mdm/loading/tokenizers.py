@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import logging
-
-from . import synthetic
-from .arguments import SYNTHETIC_DATASET
-
-if TYPE_CHECKING:
-    from .arguments import DataArguments
 
 logger = logging.get_logger(__name__)
 
@@ -46,25 +40,6 @@ def load_tokenizer(
             f"could not be found {where_hub()}. Check the name, or pass a local tokenizer folder (for training: "
             f"--tokenizer_name, or leave it unset to build the synthetic tokenizer). Cause: {err}"
         ) from err
-
-
-def data_tokenizer(
-    data_args: DataArguments, model_name_or_path: str | None = None, **kwargs: Any
-) -> PreTrainedTokenizerBase:
-    """The tokenizer `data_args.tokenizer_name` (else `model_name_or_path`) names, or the synthetic task's BPE.
-
-    A name goes to `load_tokenizer` (with `data_args.cache_dir` and `kwargs`). With neither,
-    `synthetic.build_tokenizer()` is trained (a few seconds).
-    """
-    name = data_args.tokenizer_name or model_name_or_path
-    if name is None:
-        if not data_args.is_synthetic:
-            logger.warning(
-                "No --tokenizer_name given: building the synthetic JSON task's byte-level BPE, which fits "
-                f"'{SYNTHETIC_DATASET}' but tokenizes natural text poorly."
-            )
-        return synthetic.build_tokenizer()
-    return load_tokenizer(name, cache_dir=data_args.cache_dir, **kwargs)
 
 
 def lacks_token(tokenizer: PreTrainedTokenizerBase, role: str) -> bool:
@@ -223,7 +198,6 @@ __all__ = [
     "ADDED_EOS_TOKEN",
     "ADDED_MASK_TOKEN",
     "load_tokenizer",
-    "data_tokenizer",
     "lacks_token",
     "ensure_special_tokens",
     "special_token_ids",

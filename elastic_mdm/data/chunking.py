@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from .tokenizer import anchor_ids
+from ..loading.tokenizers import anchor_ids
 
 
 def check_max_length(max_length: int) -> None:

@@ -28,9 +28,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging
 
+from ..loading.tokenizers import load_tokenizer
+from .arguments import SYNTHETIC_DATASET, DataArguments
 from .json_templates import fill_template_with_anchors, json_template, template_ids, template_values, to_text
+
+logger = logging.get_logger(__name__)
 
 BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN, UNK_TOKEN = "<s>", "</s>", "<pad>", "<mask>", "<unk>"
 SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, MASK_TOKEN, UNK_TOKEN)  # ids 0..4, in this order
@@ -341,7 +346,27 @@ def as_hf_dataset(tokenizer: PreTrainedTokenizerFast, num_records: int, seed: in
     return datasets.Dataset.from_list(synthetic_dataset(tokenizer, num_records, seed))
 
 
+def data_tokenizer(
+    data_args: DataArguments, model_name_or_path: str | None = None, **kwargs: Any
+) -> PreTrainedTokenizerBase:
+    """The tokenizer `data_args.tokenizer_name` (else `model_name_or_path`) names, or the synthetic task's BPE.
+
+    A name goes to `load_tokenizer` (with `data_args.cache_dir` and `kwargs`). With neither,
+    `build_tokenizer()` is trained (a few seconds).
+    """
+    name = data_args.tokenizer_name or model_name_or_path
+    if name is None:
+        if not data_args.is_synthetic:
+            logger.warning(
+                "No --tokenizer_name given: building the synthetic JSON task's byte-level BPE, which fits "
+                f"'{SYNTHETIC_DATASET}' but tokenizes natural text poorly."
+            )
+        return build_tokenizer()
+    return load_tokenizer(name, cache_dir=data_args.cache_dir, **kwargs)
+
+
 __all__ = [
+    "data_tokenizer",
     "SCHEMAS",
     "SCHEMA_NAMES",
     "SPECIAL_TOKENS",

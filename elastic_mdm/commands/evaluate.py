@@ -39,21 +39,27 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from ..data.arguments import DataArguments
+from ..data.corpus import length_statistics, load_datasets
+from ..data.synthetic import data_tokenizer
+from ..evaluation.calibration import calibration_collator, gap_calibration
+from ..evaluation.lengths import SWEEP_SCHEDULES, SWEEP_STEPS, length_histogram_table, length_report, length_sweep
+from ..evaluation.nelbo import heldout_batches, nelbo_report
+from ..evaluation.perplexity import generative_perplexity, load_causal_lm
+from ..evaluation.plots import save_length_histogram, save_sweep_chart, save_trajectory_plot
+from ..evaluation.reports import markdown_table, write_reports
+from ..evaluation.samples import draw_samples, sample_entropy, write_samples
+from ..evaluation.structured import (
+    StructuredTask,
+    builtin_structured_tasks,
+    load_structured_tasks,
+    structured_validity,
+)
 from ..generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from ..loading.checkpoints import load_checkpoint, local_or_hub, saved_tokenizer
+from ..loading.tokenizers import check_vocab
+from ..objectives.table import get_objective
 from ..schedules import check_num_steps
-from ..training.arguments import DataArguments
-from ..training.corpus import length_statistics, load_datasets
-from ..training.objectives import get_objective
-from ..training.tokenizer import check_vocab, data_tokenizer
-from .calibration import calibration_collator, gap_calibration
-from .lengths import SWEEP_SCHEDULES, SWEEP_STEPS, length_histogram_table, length_report, length_sweep
-from .nelbo import heldout_batches, nelbo_report
-from .perplexity import generative_perplexity, load_causal_lm
-from .plots import save_length_histogram, save_sweep_chart, save_trajectory_plot
-from .reports import markdown_table, write_reports
-from .samples import draw_samples, sample_entropy, write_samples
-from .structured import StructuredTask, builtin_structured_tasks, load_structured_tasks, structured_validity
 
 METRICS = ("nelbo", "calibration", "samples", "sweep", "structured")
 BUILTIN = "builtin"
@@ -163,7 +169,7 @@ def heldout_dataset(data_args: DataArguments, tokenizer, max_length: int, seed: 
     `--structured_eval_file`, its `{schema, instance}` rows as the training run saw them (prompt and structure
     anchored)."""
     if data_args.structured_eval_file:
-        from ..training.schema_prompts import structured_dataset
+        from ..data.schema_prompts import structured_dataset
 
         return structured_dataset(data_args.structured_eval_file, data_args, tokenizer, max_length)
     if data_args.dataset_name is None and not data_args.train_files:

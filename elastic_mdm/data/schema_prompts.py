@@ -116,7 +116,7 @@ def check_gap_budget(data_args, objective: str) -> None:
     """Refuse a `--structured_gap_budget` that would be ignored or misapplied: it pads every value for the fixed
     canvas of the MDLM baseline, so it needs `--structured_train_file` and a fixed-canvas objective (an Elastic-MDM
     model learns the lengths the padding would erase, and the rows with a longer value would be dropped)."""
-    from .objectives import get_objective
+    from ..objectives.table import get_objective
 
     budget = data_args.structured_gap_budget
     if budget is None:
