@@ -42,7 +42,7 @@ from benchmarks.sampling import (
 from benchmarks.timing import H100_BF16_DENSE_TFLOPS
 from benchmarks.training import benchmark_training
 from elastic_mdm.loading.checkpoints import load_checkpoint
-from elastic_mdm.schedules import get_schedule
+from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16-weights": torch.bfloat16}  # autocast
 WEIGHT_DTYPES = {"bf16-weights": torch.bfloat16}  # cast once (no weight re-cast per pass, nor per graph replay)

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from elastic_mdm.modeling_elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 
 
 @dataclass

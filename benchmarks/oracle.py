@@ -12,7 +12,7 @@ import torch
 
 from elastic_mdm.configuration_elastic_mdm import ElasticMDMConfig
 from elastic_mdm.modeling_elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 
 from .counting import uncounted
 
@@ -54,8 +54,8 @@ def random_model(
 
 def compile_backbone(model: ElasticMDMForDiffusionLM, mode: str | None = None) -> ElasticMDMForDiffusionLM:
     """`torch.compile` the packed backbone forward with dynamic shapes (packed lengths change every step). Static
-    shapes and CUDA graphs come from `--cuda_graphs` (`cuda_graphs.CUDAGraphDenoiser`, which captures the compiled
-    kernels too), so `mode` should be one without graphs (default, `max-autotune-no-cudagraphs`)."""
+    shapes and CUDA graphs come from `--cuda_graphs` (`cuda_graphs_elastic_mdm.CUDAGraphDenoiser`, which captures the
+    compiled kernels too), so `mode` should be one without graphs (default, `max-autotune-no-cudagraphs`)."""
     if mode not in (None, "default", "max-autotune-no-cudagraphs"):
         raise ValueError(
             f"compile mode {mode!r} captures CUDA graphs of its own; use --cuda_graphs with the default mode or "

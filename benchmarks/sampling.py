@@ -16,7 +16,7 @@ the Elastic time; it is small next to a backbone pass.
 Overhead (docs/design.md §8): in eager mode a pass costs ~17 ms on an H100 however short its input is, so the Elastic
 savings only show once the per-step overhead is gone. Both samplers read the device once per step; on top of that,
 `static_shape_wrapper` pads every pass to a shape bucket (`cuda_graphs.StaticShapeDenoiser`) or replays it from a
-CUDA graph captured per bucket (`cuda_graphs.CUDAGraphDenoiser`), for Elastic-MDM and MDLM alike, and
+CUDA graph captured per bucket (`cuda_graphs_elastic_mdm.CUDAGraphDenoiser`), for Elastic-MDM and MDLM alike, and
 `oracle.compile_backbone` runs `torch.compile` on the backbone.
 """
 
@@ -31,13 +31,13 @@ from typing import Any
 import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
-from elastic_mdm.cuda_graphs import CUDAGraphDenoiser, StaticShapeDenoiser
+from elastic_mdm.cuda_graphs_elastic_mdm import CUDAGraphDenoiser, StaticShapeDenoiser
 from elastic_mdm.modeling_elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.sampler_elastic_mdm import sample_elastic
 from elastic_mdm.sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions, tokens_per_forward
 from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
-from elastic_mdm.schedules import RevealSchedule
+from elastic_mdm.schedules_elastic_mdm import RevealSchedule
 
 from .counting import CountingDenoiser, FlopModel, OpCounter, PassLog
 from .oracle import OracleDenoiser

@@ -6,11 +6,11 @@ from .configuration_elastic_mdm import ElasticMDMConfig
 from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from .modeling_elastic_mdm import ElasticMDMForDiffusionLM, ElasticMDMModel, ElasticMDMOutput
 from .objectives.collators import ElasticMDMCollator, MDLMCollator
-from .packing import PackedSequences
+from .packing_elastic_mdm import PackedSequences
 from .sampler_elastic_mdm import sample_elastic
 from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions
 from .sampler_mdlm_elastic_mdm import sample_mdlm
-from .schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
+from .schedules_elastic_mdm import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule
 
 AutoConfig.register("elastic_mdm", ElasticMDMConfig)
 AutoModel.register(ElasticMDMConfig, ElasticMDMForDiffusionLM)

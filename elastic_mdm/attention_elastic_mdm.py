@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .packing import PackedSequences
+from .packing_elastic_mdm import PackedSequences
 
 try:  # optional fast path: pip install flash-attn
     from flash_attn import flash_attn_varlen_func

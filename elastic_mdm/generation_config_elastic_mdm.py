@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .schedules import RevealSchedule, check_num_steps, get_schedule
+from .schedules_elastic_mdm import RevealSchedule, check_num_steps, get_schedule
 
 # Transformers generation fields the samplers honour; any other field set to a non-neutral value is refused.
 SUPPORTED_HF_FIELDS = {
@@ -60,8 +60,9 @@ class ElasticMDMGenerationConfig(GenerationConfig):
         gap_temperature: Temperature of the gap-count distribution.
         gap_do_sample: Sample gap counts (`True`) or take the most likely count (`False`).
         lock_length: Keep the length the gap head draws at step 0 (the length model) and let later steps only
-            place the remaining positions (`length_lock.py`; one more device read per step). `False` (default) is the
-            paper's sampler, which re-draws every gap's count at every step. Both are exact with an oracle model.
+            place the remaining positions (`length_lock_elastic_mdm.py`; one more device read per step). `False`
+            (default) is the paper's sampler, which re-draws every gap's count at every step. Both are exact with an
+            oracle model.
             `scripts/train.py` saves `True` with the checkpoints it trains (`--lock_length`, chosen by the
             length-fidelity ablation of docs/quality.md).
         use_cache: Reuse a sequence's last pass when its input did not change (no fill, no insertion) and the model
@@ -75,8 +76,9 @@ class ElasticMDMGenerationConfig(GenerationConfig):
             open gap of a template gets (the paper's §5.4 MDLM baseline). Pad / EOS tokens the model writes inside a
             gap are dropped from the result: they are how MDLM writes a value shorter than the budget.
         cuda_graphs: Replay every denoiser pass from a CUDA graph captured per static shape bucket
-            (`cuda_graphs.CUDAGraphDenoiser`; the model must be on a CUDA device). Removes the per-pass launch
-            overhead that dominates short passes (docs/design.md §8); the first call of each bucket captures its graph.
+            (`cuda_graphs_elastic_mdm.CUDAGraphDenoiser`; the model must be on a CUDA device). Removes the per-pass
+            launch overhead that dominates short passes (docs/design.md §8); the first call of each bucket captures its
+            graph.
         do_sample, temperature, top_k, top_p: Token sampling, as in Transformers.
         max_new_tokens: How many tokens each input (prompt, template or the unconditional `BOS EOS`) may grow by;
             a sequence that reaches it is flagged in `hit_max_length`. Combines with `max_length` (the smaller

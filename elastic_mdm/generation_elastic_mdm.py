@@ -13,7 +13,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-from .cuda_graphs import CUDAGraphDenoiser, model_graph_denoiser
+from .cuda_graphs_elastic_mdm import CUDAGraphDenoiser, model_graph_denoiser
 from .generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from .sampler_elastic_mdm import sample_elastic
 from .sampler_loop_elastic_mdm import ElasticMDMGenerateOutput, SamplerOptions, tokens_per_forward

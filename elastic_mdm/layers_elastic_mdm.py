@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention_elastic_mdm import attention_function
 from .configuration_elastic_mdm import ElasticMDMConfig
-from .packing import PackedSequences
+from .packing_elastic_mdm import PackedSequences
 
 TIME_SCALE = 1000.0  # noise levels in [0, 1] are fed to the sinusoidal time embedding as 1000 * level
 

@@ -35,7 +35,7 @@ from .layers_elastic_mdm import (
     per_token,
     rope_inv_freq,
 )
-from .packing import PackedSequences, TargetRows, pack_padded, supervised_rows, unpack_to_padded
+from .packing_elastic_mdm import PackedSequences, TargetRows, pack_padded, supervised_rows, unpack_to_padded
 from .pipeline_elastic_mdm import ElasticMDMTextGenerationPipeline  # noqa: F401  (saved with the checkpoint)
 from .weights_elastic_mdm import non_finite_message
 

@@ -14,18 +14,17 @@ from typing import Any
 
 import torch
 
-from .length_lock import locked_insertions
+from .device_reads_elastic_mdm import per_sequence_sum, rows_where
+from .length_lock_elastic_mdm import LengthLock
 from .sampler_loop_elastic_mdm import (
     Denoiser,
     ElasticMDMGenerateOutput,
     PassWork,
     SamplerOptions,
-    rows_where,
     run_to_end,
     sample_categorical,
 )
-from .sampling_state_elastic_mdm import ActiveState, cap_insertions, insert_masks, per_sequence_sum
-from .schedules import sample_binomial
+from .sampling_state_elastic_mdm import ActiveState, cap_insertions, insert_masks, sample_binomial
 from .stepper_elastic_mdm import Cohort, Stepper
 
 
@@ -71,35 +70,6 @@ class Growth:
         return cls(grown, grew, dirty, work, inserted, excess > (cap or 0), host_lengths)
 
 
-@dataclass
-class LengthLock:
-    """`lock_length` for one cohort: every open gap of its first growing step is a region that keeps the total it
-    draws there (`length_lock.py`). `regions` `[open]` the region of each of its open gaps (stream order),
-    `remaining` the positions each region still places."""
-
-    regions: torch.Tensor | None = None
-    num_regions: int = 0
-    remaining: torch.Tensor | None = None
-
-    def insertions(
-        self, gaps: torch.Tensor, gap_logits: torch.Tensor, q: float, generator: torch.Generator | None
-    ) -> torch.Tensor:
-        """`[open]` masks to insert after each open gap: the step's share of every region's remaining total,
-        placed by the gap draws `gaps` (one more read)."""
-        if self.regions is None:  # region r: the r-th open gap of the first growing step, and all it grows into
-            self.num_regions = gaps.numel()
-            self.regions = torch.arange(self.num_regions, device=gaps.device)
-        counts, self.remaining = locked_insertions(
-            gaps, gap_logits, self.regions, self.remaining, q, self.num_regions, generator
-        )
-        return counts
-
-    def grow(self, counts: torch.Tensor, total: int) -> None:
-        """Masks inserted after an open gap are open gaps of its region, next to it in stream order."""
-        if self.regions is not None:
-            self.regions = self.regions.repeat_interleave(counts + 1, output_size=total)
-
-
 class ElasticStepper(Stepper):
     r"""Elastic-MDM's reverse process (docs/design.md §3) over every running sequence, one step at a time.
 
@@ -115,8 +85,8 @@ class ElasticStepper(Stepper):
     `q_{K-1} = 1`, so a cohort's last pass fills every remaining position; it is finished after step `K`. A
     sequence whose input did not change since its last pass (no mask filled, nothing inserted) reuses that pass when
     its `use_cache` (exact unless time-conditioned). With `lock_length`, every open gap of step 0 keeps the total it
-    draws there and later steps only place it inside that gap's region (`length_lock.py`). `on_draft(state)` sees
-    the cohort after the fill of every step that runs a pass: every active token is then clean.
+    draws there and later steps only place it inside that gap's region (`length_lock_elastic_mdm.py`).
+    `on_draft(state)` sees the cohort after the fill of every step that runs a pass: every active token is then clean.
 
     A step reads the device once, after the insertion: the masks inserted into each cohort, whether a sequence
     would outgrow its cap, and the size of the next pass. The host then knows every count the next step needs.

@@ -6,7 +6,8 @@ token fill, trajectory, drafts) and return the same `ElasticMDMGenerateOutput`, 
 identical code.
 
 Host syncs (docs/design.md §8): a step loop reads the device back only through `host_read`, once per step, a few
-integer scalars at once; every other index is taken at a size the host already knows (`rows_where`).
+integer scalars at once; every other index is taken at a size the host already knows (`rows_where`): both in
+`device_reads_elastic_mdm.py`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 from transformers.utils import ModelOutput
 
+from .device_reads_elastic_mdm import host_read
 from .sampling_state_elastic_mdm import ActiveState
-from .schedules import RevealSchedule, reveal_probability
+from .schedules_elastic_mdm import RevealSchedule, reveal_probability
 
 
 class TokenDenoiser(Protocol):
@@ -130,20 +132,6 @@ def step_range(num_steps: int, desc: str, progress_bar: bool):
     from tqdm.auto import tqdm
 
     return tqdm(steps, desc=desc, total=num_steps)
-
-
-def host_read(*values: torch.Tensor) -> list[int]:
-    """The device-to-host read of a sampling step: a few integer scalars (or short vectors, flattened in order)
-    copied back at once (each separate `int(tensor)` would stall the stream once; the step loops read once per
-    step)."""
-    if all(value.dim() == 0 for value in values):
-        return torch.stack([value.long() for value in values]).tolist()
-    return torch.cat([value.reshape(-1).long() for value in values]).tolist()
-
-
-def rows_where(flags: torch.Tensor, count: int) -> torch.Tensor:
-    """`[count]` indices of the `True` entries of `flags` `[T]`, `count` known on the host (no read-back)."""
-    return torch.nonzero_static(flags, size=count).squeeze(-1)
 
 
 @dataclass

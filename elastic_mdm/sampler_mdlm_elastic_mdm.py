@@ -11,16 +11,15 @@ from typing import NamedTuple
 
 import torch
 
+from .device_reads_elastic_mdm import host_read, per_sequence_sum, rows_where
 from .sampler_loop_elastic_mdm import (
     ElasticMDMGenerateOutput,
     PassWork,
     SamplerOptions,
     TokenDenoiser,
-    host_read,
-    rows_where,
     run_to_end,
 )
-from .sampling_state_elastic_mdm import ActiveState, insert_masks, per_sequence_sum
+from .sampling_state_elastic_mdm import ActiveState, insert_masks
 from .stepper_elastic_mdm import Cohort, Stepper
 
 

@@ -12,15 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import cu_seqlens_from_lengths
+from .device_reads_elastic_mdm import per_sequence_sum
+from .packing_elastic_mdm import cu_seqlens_from_lengths
 
 Anchors = tuple[list[int], list[bool]]
 """One parsed input: its anchor tokens and, for each, whether the gap after it is open."""
-
-
-def per_sequence_sum(values: torch.Tensor, owners: torch.Tensor, batch: int) -> torch.Tensor:
-    """`[B]` sums of `values` `[rows]` grouped by `owners` `[rows]`."""
-    return torch.zeros(batch, dtype=values.dtype, device=values.device).index_add_(0, owners, values)
 
 
 @dataclass
@@ -188,3 +184,13 @@ def parse_template(template: list[int], bos: int, eos: int, mask: int, name: str
         raise ValueError(f"{name} has two adjacent open-gap markers; one mask token marks one gap.")
     open_after = torch.cat([marker[1:], marker.new_zeros(1)])[~marker]  # a kept token is open if a marker follows it
     return ids[~marker].tolist(), open_after.tolist()
+
+
+def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`m ~ Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
+    if prob >= 1.0:
+        return count
+    if prob <= 0.0:
+        return torch.zeros_like(count)
+    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
+    return torch.binomial(count.float(), p, generator=generator).long()

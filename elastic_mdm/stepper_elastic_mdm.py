@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import PackedSequences, cu_seqlens_from_lengths
+from .device_reads_elastic_mdm import rows_where
+from .packing_elastic_mdm import PackedSequences, cu_seqlens_from_lengths
 from .sampler_loop_elastic_mdm import (
     ElasticMDMGenerateOutput,
     PassWork,
     SamplerOptions,
     TokenDenoiser,
     reveal_tables,
-    rows_where,
     sample_categorical,
 )
 from .sampling_state_elastic_mdm import ActiveState

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.schedules import RevealSchedule, get_schedule
+from elastic_mdm.schedules_elastic_mdm import RevealSchedule, get_schedule
 
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 VOCAB, MAX_POS = 64, 64
@@ -56,7 +56,7 @@ def tiny_model_for(tokenizer):
 
 def patch_host_read(monkeypatch, replacement) -> None:
     """Replace `host_read` in every `elastic_mdm` module that imported it (the samplers' one device read per step)."""
-    from elastic_mdm.sampler_loop_elastic_mdm import host_read
+    from elastic_mdm.device_reads_elastic_mdm import host_read
 
     for module in list(sys.modules.values()):
         if (

@@ -24,7 +24,7 @@ from benchmarks.sampling import (
     sampling_ratios,
 )
 from benchmarks.training import benchmark_training
-from elastic_mdm.schedules import get_schedule
+from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 LENGTH, VOCAB = 48, 128
 

@@ -12,7 +12,7 @@ from helpers import MASK, random_model
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,6 +1,6 @@
-"""Static shape buckets and CUDA graphs (`elastic_mdm/cuda_graphs.py`): padding leaves the real rows' features
-unchanged, the samplers return the same samples through it, the bucket grid is geometric, and misuse raises. The
-CUDA graph replay itself is checked on a GPU (`-m gpu`)."""
+"""Static shape buckets and CUDA graphs (`elastic_mdm/cuda_graphs_elastic_mdm.py`): padding leaves the real rows'
+features unchanged, the samplers return the same samples through it, the bucket grid is geometric, and misuse
+raises. The CUDA graph replay itself is checked on a GPU (`-m gpu`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from helpers import EOS, MASK, PAD, tiny_config
 from benchmarks.oracle import oracle_config, random_model
 from benchmarks.sampling import VARIANTS, oracle_setup
 from elastic_mdm import ElasticMDMForDiffusionLM
-from elastic_mdm.cuda_graphs import (
+from elastic_mdm.cuda_graphs_elastic_mdm import (
     CUDAGraphDenoiser,
     ShapeBucket,
     StaticShapeDenoiser,
@@ -21,8 +21,8 @@ from elastic_mdm.cuda_graphs import (
     bucket_size,
     pad_to_bucket,
 )
-from elastic_mdm.packing import PackedSequences
-from elastic_mdm.schedules import get_schedule
+from elastic_mdm.packing_elastic_mdm import PackedSequences
+from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 LENGTH, VOCAB = 48, 128
 

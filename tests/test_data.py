@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from elastic_mdm.objectives.collators import IGNORE_INDEX, ElasticMDMCollator, corrupt_packed
-from elastic_mdm.schedules import NoiseLevelSampler, RevealSchedule
+from elastic_mdm.schedules_elastic_mdm import NoiseLevelSampler, RevealSchedule
 
 BOS, EOS, MASK = 0, 1, 99
 

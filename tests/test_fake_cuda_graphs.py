@@ -19,10 +19,10 @@ from helpers import MASK, HostSyncRecorder, random_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from elastic_mdm import cuda_graphs
+from elastic_mdm import cuda_graphs_elastic_mdm as cuda_graphs
 from elastic_mdm.attention_elastic_mdm import without_autocast
-from elastic_mdm.cuda_graphs import CUDAGraphCalls, CUDAGraphDenoiser, StaticShapeDenoiser
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm.cuda_graphs_elastic_mdm import CUDAGraphCalls, CUDAGraphDenoiser, StaticShapeDenoiser
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

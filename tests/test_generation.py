@@ -27,7 +27,7 @@ from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from elastic_mdm.sampler_elastic_mdm import sample_elastic
 from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
-from elastic_mdm.schedules import get_schedule
+from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # ---------------------------------------------------------------------------------------------------------------
@@ -422,7 +422,7 @@ def test_locked_template_keeps_every_gap_step_zero_draw() -> None:
 def test_locked_slots_are_hypergeometric() -> None:
     """`draw_slots`: M of the slots of a sequence drawn without replacement; gaps (2, 3), M = 2: P(m_1 = 0, 1, 2) =
     (3, 6, 1) / 10, within 4 standard errors over 20000 draws; a second sequence's slots stay its own."""
-    from elastic_mdm.length_lock import draw_slots
+    from elastic_mdm.length_lock_elastic_mdm import draw_slots
 
     copies = 20000
     gaps = torch.tensor([2, 3, 4]).repeat(copies)

@@ -17,11 +17,11 @@ from helpers import HostSyncRecorder, TrueTokenHead, cached_and_fresh, schedule_
 from transformers.generation.logits_process import LogitsProcessorList
 
 from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
 from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
-from elastic_mdm.schedules import SCHEDULES, RevealSchedule
+from elastic_mdm.schedules_elastic_mdm import SCHEDULES, RevealSchedule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

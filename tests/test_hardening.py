@@ -17,7 +17,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from elastic_mdm import ElasticMDMCollator, ElasticMDMConfig, ElasticMDMForDiffusionLM
-from elastic_mdm.schedules import MAX_NUM_STEPS, RevealSchedule
+from elastic_mdm.schedules_elastic_mdm import MAX_NUM_STEPS, RevealSchedule
 from elastic_mdm.training.outputs import check_output_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -29,14 +29,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import elastic_mdm.sampler_loop_elastic_mdm as sampler_loop
-from elastic_mdm import cuda_graphs
-from elastic_mdm.cuda_graphs import CUDAGraphDenoiser
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm import cuda_graphs_elastic_mdm as cuda_graphs
+from elastic_mdm.cuda_graphs_elastic_mdm import CUDAGraphDenoiser
+from elastic_mdm.device_reads_elastic_mdm import host_read
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 from elastic_mdm.sampler_elastic_mdm import ElasticStepper, sample_elastic
-from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions, host_read
+from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
 from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
-from elastic_mdm.schedules import get_schedule
+from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

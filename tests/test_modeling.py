@@ -483,10 +483,11 @@ def test_save_pretrained_layout(tmp_path: Path) -> None:
         "streaming_elastic_mdm.py",
         "layers_elastic_mdm.py",
         "attention_elastic_mdm.py",
-        "length_lock.py",
-        "cuda_graphs.py",
-        "packing.py",
-        "schedules.py",
+        "length_lock_elastic_mdm.py",
+        "device_reads_elastic_mdm.py",
+        "cuda_graphs_elastic_mdm.py",
+        "packing_elastic_mdm.py",
+        "schedules_elastic_mdm.py",
     ):
         assert (tmp_path / name).is_file(), name
 

@@ -20,7 +20,7 @@ from helpers import BOS, EOS, MASK, tiny_config
 from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.objectives.collators import IGNORE_INDEX, corrupt_packed
 from elastic_mdm.objectives.nelbo import ElasticNELBOCollator, elastic_nelbo_terms, gap_nelbo_terms
-from elastic_mdm.schedules import get_schedule, reveal_probability
+from elastic_mdm.schedules_elastic_mdm import get_schedule, reveal_probability
 
 A, B = 4, 5  # the interior tokens of the toy x0s
 

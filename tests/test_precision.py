@@ -16,7 +16,7 @@ from helpers import BOS, EOS, random_model, tiny_config
 from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.attention_elastic_mdm import eager_attention, sdpa_attention
 from elastic_mdm.layers_elastic_mdm import ElasticMDMAttention
-from elastic_mdm.packing import PackedSequences
+from elastic_mdm.packing_elastic_mdm import PackedSequences
 
 LONG = 1024  # positions: the rotary angle reaches ~1000 rad, where a bf16 frequency is ~0.2 rad off
 

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from elastic_mdm.schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, get_schedule, reveal_probability
+from elastic_mdm.schedules_elastic_mdm import (
+    SCHEDULES,
+    NoiseLevelSampler,
+    RevealSchedule,
+    get_schedule,
+    reveal_probability,
+)
 
 ALL = [RevealSchedule(n) for n in SCHEDULES] + [RevealSchedule("clipped", beta=0.2, omega=0.7)]
 

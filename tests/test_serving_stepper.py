@@ -12,7 +12,7 @@ from elastic_mdm.sampler_elastic_mdm import ElasticStepper, sample_elastic
 from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
 from elastic_mdm.sampler_mdlm_elastic_mdm import MDLMStepper, sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
-from elastic_mdm.schedules import get_schedule
+from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -255,7 +255,7 @@ def test_the_training_loop_reads_nothing_more_per_step(monkeypatch, tmp_path, to
 
 
 def test_noise_levels_are_drawn_on_the_requested_device() -> None:
-    from elastic_mdm.schedules import NoiseLevelSampler
+    from elastic_mdm.schedules_elastic_mdm import NoiseLevelSampler
 
     s, s_next = NoiseLevelSampler()(5, device="meta")
     assert s.device.type == s_next.device.type == "meta" and s.shape == (5,)

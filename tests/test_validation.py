@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from elastic_mdm import ElasticMDMCollator, ElasticMDMForDiffusionLM
 from elastic_mdm.commands import generate as generate_cli
 from elastic_mdm.loading.checkpoints import load_checkpoint
-from elastic_mdm.schedules import MAX_NUM_STEPS
+from elastic_mdm.schedules_elastic_mdm import MAX_NUM_STEPS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

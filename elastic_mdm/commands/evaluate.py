@@ -59,7 +59,7 @@ from ..generation_config_elastic_mdm import ElasticMDMGenerationConfig
 from ..loading.checkpoints import load_checkpoint, local_or_hub, saved_tokenizer
 from ..loading.tokenizers import check_vocab
 from ..objectives.table import get_objective
-from ..schedules import check_num_steps
+from ..schedules_elastic_mdm import check_num_steps
 
 METRICS = ("nelbo", "calibration", "samples", "sweep", "structured")
 BUILTIN = "builtin"

@@ -17,8 +17,8 @@ import torch
 
 from ..objectives.collators import IGNORE_INDEX, ElasticMDMCollator
 from ..objectives.table import make_collator
-from ..packing import PackedSequences
-from ..schedules import NoiseLevelSampler, get_schedule
+from ..packing_elastic_mdm import PackedSequences
+from ..schedules_elastic_mdm import NoiseLevelSampler, get_schedule
 
 
 def calibration_collator(

@@ -55,7 +55,7 @@ from ..loading.checkpoints import load_model_and_tokenizer
 from ..objectives.collators import TARGET_TOKENS
 from ..objectives.nelbo import elastic_nelbo_terms
 from ..objectives.table import get_objective, make_collator
-from ..schedules import check_num_steps
+from ..schedules_elastic_mdm import check_num_steps
 
 MODEL_NAME = "elastic_mdm"
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k")

@@ -21,11 +21,10 @@ from typing import Any
 
 import torch
 
+from ..device_reads_elastic_mdm import host_read, per_sequence_sum, rows_where
 from ..modeling_elastic_mdm import IGNORE_INDEX
-from ..packing import PackedSequences, TargetRows, cu_seqlens_from_lengths
-from ..sampler_loop_elastic_mdm import host_read, rows_where
-from ..sampling_state_elastic_mdm import per_sequence_sum
-from ..schedules import NoiseLevelSampler
+from ..packing_elastic_mdm import PackedSequences, TargetRows, cu_seqlens_from_lengths
+from ..schedules_elastic_mdm import NoiseLevelSampler
 
 TARGET_TOKENS = "num_target_tokens"  # batch key: n + 1 (interior tokens and EOS) per sequence, for bits per token
 

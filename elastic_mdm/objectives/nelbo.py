@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..packing import PackedSequences
-from ..schedules import RevealSchedule, check_num_steps, get_schedule, reveal_probability
+from ..packing_elastic_mdm import PackedSequences
+from ..schedules_elastic_mdm import RevealSchedule, check_num_steps, get_schedule, reveal_probability
 from .collators import IGNORE_INDEX, TARGET_TOKENS, PackingCollator, corrupt_packed, draw
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..configuration_elastic_mdm import OBJECTIVES
-from ..schedules import NoiseLevelSampler
+from ..schedules_elastic_mdm import NoiseLevelSampler
 from .collators import ElasticMDMCollator, MDLMCollator, PackingCollator
 from .nelbo import ElasticNELBOCollator, elastic_nelbo_terms
 

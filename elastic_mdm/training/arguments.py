@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from ..configuration_elastic_mdm import OBJECTIVES
 from ..data.arguments import DataArguments
-from ..schedules import SCHEDULES, NoiseLevelSampler, RevealSchedule, check_num_steps
+from ..schedules_elastic_mdm import SCHEDULES, NoiseLevelSampler, RevealSchedule, check_num_steps
 
 
 @dataclass

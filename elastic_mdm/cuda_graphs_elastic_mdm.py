@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .packing import PackedSequences
+from .packing_elastic_mdm import PackedSequences
 
 
 def bucket_size(value: int, granularity: int = 64) -> int:

@@ -104,16 +104,6 @@ def reveal_probability(f_now: torch.Tensor, f_next: torch.Tensor) -> torch.Tenso
     return torch.where(remaining > 0, (f_next - f_now) / remaining.clamp_min(1e-300), torch.zeros_like(f_now))
 
 
-def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
-    """`m ~ Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
-    if prob >= 1.0:
-        return count
-    if prob <= 0.0:
-        return torch.zeros_like(count)
-    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
-    return torch.binomial(count.float(), p, generator=generator).long()
-
-
 @dataclass
 class NoiseLevelSampler:
     """Draws the pair `(s, s') = (F(k-1), F(k))` of every training example (paper §4.4 randomisation).
@@ -195,6 +185,5 @@ __all__ = [
     "RevealSchedule",
     "get_schedule",
     "reveal_probability",
-    "sample_binomial",
     "NoiseLevelSampler",
 ]

@@ -25,11 +25,12 @@ with exactly `R_r` positions. `owners` below are region ids.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .sampler_loop_elastic_mdm import host_read
-from .sampling_state_elastic_mdm import per_sequence_sum
-from .schedules import sample_binomial
+from .device_reads_elastic_mdm import host_read, per_sequence_sum
+from .sampling_state_elastic_mdm import sample_binomial
 
 
 def draw_slots(
@@ -94,3 +95,32 @@ def locked_insertions(
 
 
 __all__ = ["locked_insertions", "draw_slots", "pick_one_gap"]
+
+
+@dataclass
+class LengthLock:
+    """`lock_length` for one cohort: every open gap of its first growing step is a region that keeps the total it
+    draws there (`length_lock_elastic_mdm.py`). `regions` `[open]` the region of each of its open gaps (stream order),
+    `remaining` the positions each region still places."""
+
+    regions: torch.Tensor | None = None
+    num_regions: int = 0
+    remaining: torch.Tensor | None = None
+
+    def insertions(
+        self, gaps: torch.Tensor, gap_logits: torch.Tensor, q: float, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """`[open]` masks to insert after each open gap: the step's share of every region's remaining total,
+        placed by the gap draws `gaps` (one more read)."""
+        if self.regions is None:  # region r: the r-th open gap of the first growing step, and all it grows into
+            self.num_regions = gaps.numel()
+            self.regions = torch.arange(self.num_regions, device=gaps.device)
+        counts, self.remaining = locked_insertions(
+            gaps, gap_logits, self.regions, self.remaining, q, self.num_regions, generator
+        )
+        return counts
+
+    def grow(self, counts: torch.Tensor, total: int) -> None:
+        """Masks inserted after an open gap are open gaps of its region, next to it in stream order."""
+        if self.regions is not None:
+            self.regions = self.regions.repeat_interleave(counts + 1, output_size=total)
