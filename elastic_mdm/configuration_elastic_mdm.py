@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 
 BLOCK_TYPES = ("dit", "llama")
 OBJECTIVES = ("elastic", "mdlm")
@@ -23,7 +23,7 @@ CUSTOM_PIPELINES = {  # where transformers.pipeline(task, model=path, trust_remo
 }
 
 
-class ElasticMDMConfig(PretrainedConfig):
+class ElasticMDMConfig(PreTrainedConfig):
     r"""Configuration of an Elastic-MDM: one bidirectional transformer backbone, a token head and a gap-count head.
 
     Args:
@@ -59,6 +59,17 @@ class ElasticMDMConfig(PretrainedConfig):
             sampled by `sample_elastic` with variable lengths. `"mdlm"`: the MDLM baseline on a fixed canvas of
             `max_position_embeddings` tokens (`MDLMCollator`: `BOS` + sequence + `EOS` + pads, the gap head unused),
             sampled by `sample_mdlm`, MDLM's ancestral sampler on that canvas.
+
+    Example (unset sizes follow the given ones; an unknown choice raises, naming the argument):
+
+    >>> from elastic_mdm import ElasticMDMConfig
+    >>> config = ElasticMDMConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    ...     max_position_embeddings=24, mask_token_id=15, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    >>> config.intermediate_size, config.max_gap  # 4 * hidden_size; the gap classes 0..max_position_embeddings
+    (128, 24)
+    >>> ElasticMDMConfig(objective="autoregressive")
+    Traceback (most recent call last):
+    ValueError: objective='autoregressive' is unknown; use one of ('elastic', 'mdlm') ...
     """
 
     model_type = "elastic_mdm"

@@ -102,6 +102,23 @@ class ElasticMDMGenerationMixin:
         unset), as every Transformers `generate`; with `return_dict_in_generate=True` an `ElasticMDMGenerateOutput`
         that adds the true `lengths`, `hit_max_length`, `num_passes`, `tokens_processed`, `sequence_passes`,
         `tokens_per_forward` (generated tokens per denoiser pass, see `tokens_per_forward()`) and the trajectory.
+
+        Example (an untrained model: the samples are noise, their layout is not):
+
+        >>> import torch
+        >>> from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+        >>> config = ElasticMDMConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...     max_position_embeddings=24, mask_token_id=15, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        >>> model = ElasticMDMForDiffusionLM(config).eval()
+        >>> out = model.generate(num_return_sequences=3, num_steps=8, seed=0, return_dict_in_generate=True)
+        >>> type(out).__name__, out.sequences.shape[0], out.sequences.shape[1] == int(out.lengths.max())
+        ('ElasticMDMGenerateOutput', 3, True)
+        >>> ends = out.sequences[torch.arange(3), out.lengths - 1]  # every sample is BOS .. EOS, within the cap
+        >>> bool((out.sequences[:, 0] == 1).all() and (ends == 2).all() and (out.lengths <= 24).all())
+        True
+        >>> filled = model.generate(template_ids=[[1, 5, 15, 6, 2]], num_steps=4, seed=0)  # grow at the mask only
+        >>> filled[0, :2].tolist(), filled[0, -2:].tolist()
+        ([1, 5], [6, 2])
         """
         config = self._resolve_generation_config(generation_config, kwargs)
         if return_dict_in_generate is None:

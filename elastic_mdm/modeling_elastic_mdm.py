@@ -82,6 +82,15 @@ class ElasticMDMPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, rope_inv_freq(self.config))
 
 
+@dataclass
+class ElasticMDMModelOutput(BaseModelOutput):
+    """`BaseModelOutput` of `ElasticMDMModel`; with `return_packed=True` also the packed layout of `last_hidden_state`
+    `[tokens, d]` (`packed`) and the padded row of each token (`flat_index` `[tokens]`, `None` for packed inputs)."""
+
+    packed: PackedSequences | None = None
+    flat_index: torch.Tensor | None = None
+
+
 class ElasticMDMModel(ElasticMDMPreTrainedModel):
     """The backbone: embeddings, blocks and the final (modulated) norm. Returns the features `h` both heads read."""
 
@@ -136,13 +145,24 @@ class ElasticMDMModel(ElasticMDMPreTrainedModel):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         noise_level: torch.Tensor | None = None,
+        check_bounds: bool = True,
+        return_packed: bool = False,
         **kwargs,
-    ) -> BaseModelOutput:
-        flat_ids, packed, flat_index = self.pack_inputs(input_ids, attention_mask, cu_seqlens, max_seqlen, noise_level)
-        hidden = self.forward_packed(flat_ids, packed, noise_level)
+    ) -> ElasticMDMModelOutput:
+        """Features `h = f(x, s')` of a packed (`[tokens]` + `cu_seqlens`) or padded (`[batch, length]` +
+        `attention_mask`) batch: `last_hidden_state` in the layout of `input_ids` (`[tokens, d]` or
+        `[batch, length, d]`), or, with `return_packed`, always the packed `[tokens, d]` with its `packed` layout and
+        the padded row of each token `flat_index` (`None` for a packed input), as the heads read them.
+        `check_bounds=False`: see `pack_inputs`."""
+        flat_ids, packed, flat_index = self.pack_inputs(
+            input_ids, attention_mask, cu_seqlens, max_seqlen, noise_level, check_bounds=check_bounds
+        )
+        hidden = self.forward_packed(flat_ids, packed, noise_level)  # [tokens, d]
+        if return_packed:
+            return ElasticMDMModelOutput(last_hidden_state=hidden, packed=packed, flat_index=flat_index)
         if flat_index is not None:
-            hidden = unpack_to_padded(hidden, flat_index, input_ids.shape)
-        return BaseModelOutput(last_hidden_state=hidden)
+            hidden = unpack_to_padded(hidden, flat_index, input_ids.shape)  # [batch, length, d]
+        return ElasticMDMModelOutput(last_hidden_state=hidden)
 
     def pack_inputs(
         self,
@@ -363,11 +383,16 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         """
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction={loss_reduction!r} is unknown; use one of {LOSS_REDUCTIONS}.")
-        model = self.model
-        flat_ids, packed, flat_index = model.pack_inputs(
-            input_ids, attention_mask, cu_seqlens, max_seqlen, noise_level, check_bounds=target_rows is None
+        features = self.model(
+            input_ids,
+            attention_mask,
+            cu_seqlens,
+            max_seqlen,
+            noise_level,
+            check_bounds=target_rows is None,
+            return_packed=True,
         )
-        hidden = model.forward_packed(flat_ids, packed, noise_level)  # [tokens, d]
+        hidden, packed, flat_index = features.last_hidden_state, features.packed, features.flat_index  # [tokens, d]
         has_targets = labels is not None or gap_labels is not None
         if return_logits is None:
             return_logits = not has_targets
@@ -438,6 +463,7 @@ ElasticMDMForDiffusionLM.register_for_auto_class("AutoModel")
 __all__ = [
     "ElasticMDMPreTrainedModel",
     "ElasticMDMModel",
+    "ElasticMDMModelOutput",
     "ElasticMDMForDiffusionLM",
     "ElasticMDMOutput",
 ]

@@ -100,6 +100,28 @@ def test_packing_invariance(variant: str) -> None:
         assert torch.isfinite(alone_gap).all()
 
 
+def test_diffusion_lm_runs_the_backbone_through_its_module_call() -> None:
+    """`ElasticMDMForDiffusionLM.forward` calls `self.model(...)` once (hooks fire, as for any Transformers head),
+    and its token logits are the token head of the backbone's packed features: no second pass."""
+    model = tiny_model("dit-time-sum")
+    ids, cu, noise = packed_batch([0, 1, 2])
+    calls = []
+    handle = model.model.register_forward_hook(lambda module, args, kwargs, out: calls.append(out), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(ids, cu_seqlens=cu, noise_level=noise)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    features = calls[0]
+    assert features.last_hidden_state.shape == (ids.numel(), model.config.hidden_size)
+    assert features.packed.batch_size == 3 and features.flat_index is None
+    torch.testing.assert_close(out.logits, model.token_logits(features.last_hidden_state), atol=0, rtol=0)
+    with torch.no_grad():  # the base model alone: the same features, in the layout of its input
+        alone = model.model(ids, cu_seqlens=cu, noise_level=noise)
+    torch.testing.assert_close(alone.last_hidden_state, features.last_hidden_state, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("variant", ["dit-time-sum", "llama-adaln-time"])
 def test_time_conditioning_changes_outputs(variant: str) -> None:
     """With time conditioning on, the noise level reaches the backbone; with it off it is ignored."""

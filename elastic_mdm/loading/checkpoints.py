@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
 from transformers.utils import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -82,7 +82,7 @@ def local_or_hub(name: str) -> str:
 
 def checkpoint_config(path: str, **kwargs: Any) -> dict[str, Any]:
     """The `config.json` of a checkpoint as a dict, read as data (no class is resolved, no code runs)."""
-    config, _ = PretrainedConfig.get_config_dict(path, **kwargs)
+    config, _ = PreTrainedConfig.get_config_dict(path, **kwargs)
     return config
 
 

@@ -97,6 +97,28 @@ class ElasticMDMTrainer(Trainer):
       `eval_schedule`) as bits per token and a perplexity bound: `Σ_gaps l_0 + K · [Σ_masks CE + Σ_gaps l_k(g, m)]`
       at one `k ~ U{1..K}` per sequence, with the exact gap term of `nelbo.py`; for `objective="mdlm"`, MDLM's bound
       `E_t[(1/t) Σ_masks CE]`. Tokens per sequence: interior tokens + EOS (`n + 1`), the same count for both.
+
+    Example (two steps on the built-in synthetic JSON task, then the held-out bound):
+
+    >>> import contextlib, io, tempfile
+    >>> from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
+    >>> from elastic_mdm.data import synthetic
+    >>> from elastic_mdm.training.arguments import ElasticMDMTrainingArguments
+    >>> tokenizer = synthetic.build_tokenizer(num_records=200)
+    >>> config = ElasticMDMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+    ...     num_attention_heads=2, max_position_embeddings=80, mask_token_id=tokenizer.mask_token_id,
+    ...     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ...     pad_token_id=tokenizer.pad_token_id)
+    >>> with contextlib.redirect_stdout(io.StringIO()):  # the Trainer (and accelerate's backends) print logs
+    ...     args = ElasticMDMTrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=2, eval_num_steps=4,
+    ...         per_device_train_batch_size=8, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    ...     trainer = ElasticMDMTrainer(model=ElasticMDMForDiffusionLM(config), args=args, processing_class=tokenizer,
+    ...         train_dataset=synthetic.synthetic_dataset(tokenizer, 32, seed=0),
+    ...         eval_dataset=synthetic.synthetic_dataset(tokenizer, 8, seed=1))
+    ...     result = trainer.train()
+    ...     metrics = trainer.evaluate()
+    >>> result.global_step, metrics["eval_nelbo_bits_per_token"] > 0, metrics["eval_ppl_bound"] > 1
+    (2, True, True)
     """
 
     args: ElasticMDMTrainingArguments
