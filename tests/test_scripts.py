@@ -158,3 +158,35 @@ def test_report_without_matplotlib_is_refused_before_training(tmp_path: Path) ->
     trained = subprocess.run([*run, *flags, "--report_num_samples", "0"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)  # fmt: skip
     assert trained.returncode == 0 and (output / "model.safetensors").exists(), trained.stderr[-2000:]
+
+
+def test_elastic_mdm_dispatches_to_the_command_modules(monkeypatch, capsys) -> None:
+    """`elastic-mdm COMMAND ARGS` runs `elastic_mdm.commands.COMMAND.main(ARGS)`; an unknown command or converter
+    format is refused naming the choices; the console-script target of older installs is the same dispatcher."""
+    from elastic_mdm import commands
+    from elastic_mdm.commands import convert as convert_command
+    from elastic_mdm.conversion.writer import DEFAULT_MAX_SHARD_SIZE
+    from elastic_mdm.serving import cli as old_target
+
+    seen = []
+    monkeypatch.setattr(generate_cli, "main", lambda argv: seen.append(argv))
+    commands.main(["generate", "outputs/x", "--seed", "3"])
+    assert seen == [["outputs/x", "--seed", "3"]]
+    with pytest.raises(SystemExit) as exit_:
+        commands.main(["fine-tune"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'fine-tune'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        commands.main(["convert", "gguf", "src", "dst"])
+    assert "invalid choice: 'gguf'" in capsys.readouterr().err
+    converted = []
+    monkeypatch.setitem(convert_command.CONVERTERS, "mdlm", lambda src, dst, **kw: converted.append((src, dst, kw)))
+    commands.main(["convert", "mdlm", "a", "b", "--seed", "4", "--max_gap", "64", "--adaln=true"])
+    assert converted == [
+        (
+            "a",
+            "b",
+            {"max_shard_size": DEFAULT_MAX_SHARD_SIZE, "seed": 4, "overwrite": False, "max_gap": 64, "adaln": True},
+        )
+    ]
+    assert old_target.main is commands.main

@@ -95,8 +95,9 @@ class ElasticMDMTrainer(Trainer):
     * training: `loss = token_loss + λ_gap · gap_loss` from one forward pass; the two terms are logged apart;
     * evaluation: the per-sequence step terms, and the NELBO bound of the K-step process (`eval_num_steps`,
       `eval_schedule`) as bits per token and a perplexity bound: `Σ_gaps l_0 + K · [Σ_masks CE + Σ_gaps l_k(g, m)]`
-      at one `k ~ U{1..K}` per sequence, with the exact gap term of `nelbo.py`; for `objective="mdlm"`, MDLM's bound
-      `E_t[(1/t) Σ_masks CE]`. Tokens per sequence: interior tokens + EOS (`n + 1`), the same count for both.
+      at one `k ~ U{1..K}` per sequence, with the exact gap term of `objectives/nelbo.py`; for `objective="mdlm"`,
+      MDLM's bound `E_t[(1/t) Σ_masks CE]`. Tokens per sequence: interior tokens + EOS (`n + 1`), the same count for
+      both (`objectives.metrics.nelbo_metrics`).
 
     Example (two steps on the built-in synthetic JSON task, then the held-out bound):
 
