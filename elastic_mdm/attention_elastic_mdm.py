@@ -3,7 +3,8 @@
 `ATTENTION_FUNCTIONS` maps the config's `attn_implementation` to one: `eager` (fp32 reference), `sdpa` (padded with a
 key-padding mask; CPU and any dtype), `varlen_attn` (torch >= 2.10 on CUDA), `flash_attention_2` (flash-attn), and the
 flash kernels Transformers loads itself (`flash_attention_3`, the Hub kernels it substitutes when flash-attn is absent);
-`attention_function` refuses any other name. Attention is bidirectional and never crosses a sequence boundary (docs/design.md §2).
+`attention_function` refuses any other name. Attention is bidirectional and never crosses a sequence boundary
+(docs/design.md §2).
 """
 
 from __future__ import annotations
