@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,8 +77,10 @@ def unpack_to_padded(values: torch.Tensor | None, flat_index: torch.Tensor, shap
     return out.index_copy(0, flat_index, values).view(*shape, *values.shape[1:])
 
 
-class TargetRows(NamedTuple):
-    """How many tokens of a training batch carry a token label and a gap label (host integers)."""
+@dataclass(frozen=True)
+class TargetRows:
+    """How many tokens of a training batch carry a token label and a gap label (host integers). Not a tuple, so
+    that device-moving helpers (Trainer's `_prepare_input`, accelerate's `send_to_device`) pass it through as is."""
 
     tokens: int
     gaps: int

@@ -35,7 +35,7 @@ from elastic_mdm.device_reads_elastic_mdm import host_read
 from elastic_mdm.packing_elastic_mdm import PackedSequences
 from elastic_mdm.sampler_elastic_mdm import ElasticStepper, sample_elastic
 from elastic_mdm.sampler_loop_elastic_mdm import SamplerOptions
-from elastic_mdm.sampler_mdlm_elastic_mdm import sample_mdlm
+from elastic_mdm.sampler_mdlm_elastic_mdm import mdlm_canvas, sample_mdlm
 from elastic_mdm.sampling_state_elastic_mdm import ActiveState
 from elastic_mdm.schedules_elastic_mdm import get_schedule
 
@@ -237,6 +237,26 @@ def test_mdlm_reads_once_per_step_with_its_output(monkeypatch, num_steps: int, u
     run = run_on_meta(monkeypatch, sampler, graphs=False, num_steps=num_steps, use_cache=use_cache)
     assert run.error is None and run.violations == []
     assert run.reads == run.replayed == 1 + num_steps
+
+
+CANVAS_ERRORS = {  # input, gap budget, canvas length (int or per sequence), the error
+    "gap inside a prompt": ([[BOS, 9, MASK, 10, EOS]], None, 24, "MDLM has no gaps that grow"),
+    "prompt too long": ([[BOS, *range(9, 18)]], None, 6, "A prompt has 10 tokens, more than .* of 6"),
+    "prompt past its cap": ([[BOS, 9], [BOS, 9, 10, 11, 12]], None, torch.tensor([8, 3]), "has 5 tokens, .* of 3"),
+    "template too long": ([[BOS, MASK, 9, MASK, EOS]], 4, 10, "mdlm_gap_budget=4 .* has 11 tokens, .* of 10"),
+}
+
+
+@pytest.mark.parametrize("case", list(CANVAS_ERRORS))
+def test_mdlm_canvas_checks_ride_in_its_one_read(monkeypatch, case: str) -> None:
+    """The checks of MDLM's input (its one open gap before EOS, each canvas holding its prompt or filled template)
+    come back in the canvas's one read, with the row that fails them: no other read-back."""
+    rows, budget, length, error = CANVAS_ERRORS[case]
+    template = MASK in rows[0]
+    anchors = ActiveState.from_inputs(None if template else rows, None, rows if template else None, 1, (BOS, EOS, MASK))
+    with HostSyncRecorder(monkeypatch) as recorder, pytest.raises(ValueError, match=error):
+        mdlm_canvas(anchors, length, MASK, PAD, budget)
+    assert recorder.reads == 1 and recorder.syncs == []
 
 
 @pytest.mark.parametrize("time_conditioning", [False, True])

@@ -259,3 +259,24 @@ def test_noise_levels_are_drawn_on_the_requested_device() -> None:
 
     s, s_next = NoiseLevelSampler()(5, device="meta")
     assert s.device.type == s_next.device.type == "meta" and s.shape == (5,)
+
+
+def test_a_collated_batch_goes_through_a_stock_trainer(tmp_path, tokenizer, records) -> None:
+    """`ElasticMDMCollator` as the `data_collator` of a plain `Trainer`: its batch survives the Trainer's device move
+    (the host counts it carries are passed through, not rebuilt) and gives the loss of the batch as collated."""
+    from transformers import Trainer, TrainingArguments
+
+    from elastic_mdm.objectives.collators import ElasticMDMCollator
+
+    train, _ = records
+    model = tiny_model(tokenizer).eval()
+    collator = ElasticMDMCollator(
+        tokenizer.mask_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, max_length=80, seed=0
+    )
+    batch = collator([train[i] for i in range(8)])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    moved = Trainer(model=model, args=args, data_collator=collator)._prepare_inputs(batch)
+    assert moved["target_rows"] == batch["target_rows"]
+    inputs = lambda b: {k: v for k, v in b.items() if k != "num_target_tokens"}  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs(moved)).loss, model(**inputs(batch)).loss)
