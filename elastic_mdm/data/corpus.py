@@ -28,10 +28,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from ..loading.tokenizers import anchor_ids, where_hub
 from . import synthetic
 from .arguments import SYNTHETIC_DATASET, DataArguments
 from .chunking import check_max_length, tokenize_documents
-from ..loading.tokenizers import anchor_ids, where_hub
 
 logger = logging.get_logger(__name__)
 
