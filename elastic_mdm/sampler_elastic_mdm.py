@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .device_reads_elastic_mdm import host_read, per_sequence_sum, rows_where
+from .device_reads_elastic_mdm import host_read, rows_where
 from .length_lock_elastic_mdm import LengthLock
 from .sampler_loop_elastic_mdm import (
     Denoiser,
@@ -208,13 +208,12 @@ class ElasticStepper(Stepper):
         )  # fmt: skip
         cohort.extra["last_growth"] = max((k for k, q in enumerate(cohort.share) if q > 0.0), default=-1)
         cohort.extra["shares"] = device_shares(options, state.tokens.device)
-        ones = torch.ones(size, dtype=torch.bool, device=state.tokens.device)
-        is_mask = state.tokens == options.mask_token_id  # [T]
-        base = state.lengths - per_sequence_sum(is_mask.long(), state.sequence_ids, size)  # [size]
-        counts = (is_mask.sum(), state.open_after.sum(), state.lengths, base, *([] if caps is None else [caps]))
-        work, (num_masks, num_open, *values) = PassWork.of(state.lengths, ones, *counts)
+        is_mask = (state.tokens == options.mask_token_id).long()  # [T]
+        base = state.lengths.index_add(0, state.sequence_ids, is_mask, alpha=-1)  # [size] its lengths without masks
+        num_open, *values = host_read(state.open_after.sum(), state.lengths, base, *([] if caps is None else [caps]))
         lengths, host_base = values[:size], values[size : 2 * size]
         self.host.join(lengths, host_base, values[2 * size :] if caps is not None else [options.max_length] * size)
+        work, num_masks = PassWork(size, sum(lengths), max(lengths)), sum(lengths) - sum(host_base)
         cohort.lengths = lengths if cohort.extra["last_growth"] < 0 else None
         base = base if num_masks else None
         if before == 0 or (base is None and self.base_lengths is None):
@@ -360,10 +359,10 @@ class ElasticStepper(Stepper):
 
 
 def device_shares(options: SamplerOptions, device: torch.device) -> torch.Tensor:
-    """`[K + 1]` `q_0..q_K` in float32 on the device, computed there once per cohort (as `reveal_tables` does on
+    """`[K]` `q_0..q_{K-1}` in float32 on the device, computed there once per cohort (as `reveal_tables` does on
     the host: no host-to-device copy), so that a step's `Binomial(g, q_k)` reads its probability from a view."""
     reveal = options.schedule.table(options.num_steps, device=device)  # [K + 1] float64
-    return F.pad(reveal_probability(reveal[:-1], reveal[1:]).float(), (0, 1))  # q_K = 0
+    return reveal_probability(reveal[:-1], reveal[1:]).float()  # [K]: q_K = 0 draws nothing
 
 
 def either(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
