@@ -202,6 +202,8 @@ class ElasticStepper(Stepper):
         """A cohort of the sequences of `state` (prompts, templates, `BOS EOS`) joins at the next step, each capped at
         `caps` `[size]` tokens (`None`: `options.max_length`); one read (its counts, lengths and caps)."""
         size, before = state.lengths.numel(), self.batch
+        if before == 0:  # a new batch (every cohort before it collected)
+            self.host = HostLengths()
         cohort = self.new_cohort(
             state, options, options.num_steps + 1, caps,
             gap_temperature=gap_temperature, gap_do_sample=gap_do_sample, lock=LengthLock() if lock_length else None,
@@ -275,12 +277,19 @@ class ElasticStepper(Stepper):
         self.host.base = self.host.lengths
 
     def grow(
-        self, growing: list[Cohort], open_rows: torch.Tensor, levels: torch.Tensor | float, changed: torch.Tensor | None
+        self,
+        growing: list[Cohort],
+        open_rows: torch.Tensor | None,
+        levels: torch.Tensor | float,
+        changed: torch.Tensor | None,
     ) -> None:
-        """The gap draws of the `growing` cohorts over the open gaps `open_rows` `[open]` (each sequence at its noise
-        level `levels`), planned under the caps with the step's one read, and the insertion; `changed` `[B]` flags
-        the sequences the next pass encodes besides those the fill wrote and those that grow (`None`: none)."""
+        """The gap draws of the `growing` cohorts over the open gaps `open_rows` `[open]` (`None`: none; each
+        sequence at its noise level `levels`), planned under the caps with the step's one read, and the insertion;
+        `changed` `[B]` flags the sequences the next pass encodes besides those the fill wrote and those that grow
+        (`None`: none)."""
         state, single = self.state, len(self.cohorts) == 1
+        if open_rows is None:  # no open gap: the draws and the insertion run on empty tensors
+            open_rows = rows_where(state.open_after, 0)
         owners = state.sequence_ids[open_rows]  # [open] the sequence of each open gap
         level = levels if isinstance(levels, float) else levels[owners]
         gap_logits = self.denoiser.gap_logits(self.hidden, open_rows, level).float()  # [open, G + 1]

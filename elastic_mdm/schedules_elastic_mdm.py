@@ -68,7 +68,9 @@ class RevealSchedule:
     def __call__(self, k: torch.Tensor | int, num_steps: torch.Tensor | int) -> torch.Tensor:
         """`F(k)` in float64 for integer steps `k` (any shape) and horizon `K = num_steps`; `F(-1) := 0`."""
         k = torch.as_tensor(k, dtype=torch.float64)
-        t = (k / torch.as_tensor(num_steps, dtype=torch.float64, device=k.device)).clamp(0.0, 1.0)  # k/K
+        if not isinstance(num_steps, int | float):
+            num_steps = torch.as_tensor(num_steps, dtype=torch.float64, device=k.device)
+        t = (k / num_steps).clamp(0.0, 1.0)  # k/K (a host K divides as a number: nothing is copied to the device)
         if self.name == "linear":
             f = t
         elif self.name == "cosine":
