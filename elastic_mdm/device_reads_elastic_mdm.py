@@ -13,10 +13,13 @@ import torch
 def host_read(*values: torch.Tensor) -> list[int]:
     """The device-to-host read of a sampling step: a few integer scalars (or short vectors, flattened in order)
     copied back at once (each separate `int(tensor)` would stall the stream once; the step loops read once per
-    step)."""
+    step). One copy on the device at most: a single vector is read as it is, vectors are concatenated in one go
+    (flags and counts alike: the concatenation promotes them to integers)."""
     if all(value.dim() == 0 for value in values):
         return torch.stack([value.long() for value in values]).tolist()
-    return torch.cat([value.reshape(-1).long() for value in values]).tolist()
+    if len(values) == 1:
+        return values[0].reshape(-1).long().tolist()
+    return torch.cat([value.reshape(-1) for value in values]).long().tolist()
 
 
 def rows_where(flags: torch.Tensor, count: int) -> torch.Tensor:

@@ -226,17 +226,33 @@ class ElasticMDMGapHead(nn.Module):
         right: torch.Tensor,  # [rows, d]
         noise_level: torch.Tensor | float | None = None,  # [rows] or one level for every row
     ) -> torch.Tensor:
-        if self.pair == "concat":
-            features = torch.cat([left, right], dim=-1)
-        else:
-            features = left + right if self.pair == "sum" else left * right
+        """Logits `[rows, max_gap + 1]` of the pairs `(left_i, right_i)`."""
+        features = torch.cat([left, right], dim=-1) if self.pair == "concat" else self.combine(left, right)
+        return self.classify(features, noise_level)
+
+    def pair_logits(
+        self,
+        pairs: torch.Tensor,  # [rows, 2, d] (h_a, h_b) stacked
+        noise_level: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """`forward(pairs[:, 0], pairs[:, 1])` of stacked pairs: `[h_a; h_b]` is then a view, not a concatenation."""
+        features = pairs.flatten(1) if self.pair == "concat" else self.combine(pairs[:, 0], pairs[:, 1])
+        return self.classify(features, noise_level)
+
+    def combine(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """The `sum` (`h_a + h_b`) or `product` (`h_a * h_b`) pair features `[rows, d]`."""
+        return left + right if self.pair == "sum" else left * right
+
+    def classify(self, features: torch.Tensor, noise_level: torch.Tensor | float | None) -> torch.Tensor:
+        """`out_proj(gelu(dense([features; silu(emb(1000 · s'))])))`, the noise embedding with
+        `gap_noise_conditioning` only."""
         if self.time_embed is not None:
             if noise_level is None:
                 raise ValueError("This gap head is conditioned on the noise level (gap_noise_conditioning): pass it.")
             if isinstance(noise_level, torch.Tensor):
-                level = noise_level.to(device=left.device, dtype=torch.float32).reshape(-1)  # [rows] or [1]
+                level = noise_level.to(device=features.device, dtype=torch.float32).reshape(-1)  # [rows] or [1]
             else:  # one level for every row, filled on the device (a host-to-device copy would stall the stream)
-                level = torch.full((1,), float(noise_level), dtype=torch.float32, device=left.device)
+                level = torch.full((1,), float(noise_level), dtype=torch.float32, device=features.device)
             cond = F.silu(self.time_embed(TIME_SCALE * level)).to(features.dtype)  # [rows or 1, cond]
             features = torch.cat([features, cond.expand(features.shape[0], -1)], dim=-1)
         return self.out_proj(F.gelu(self.dense(features), approximate="tanh"))

@@ -344,8 +344,14 @@ class ElasticMDMForDiffusionLM(ElasticMDMGenerationMixin, ElasticMDMPreTrainedMo
         self, hidden: torch.Tensor, left: torch.Tensor, noise_level: torch.Tensor | float | None = None
     ) -> torch.Tensor:
         """Gap logits `[rows, max_gap + 1]` for the pairs `(left, left + 1)` of the packed stream; `noise_level` is
-        the input's `s'` (`[rows]`, or one float for every row), read only by a noise-conditioned gap head."""
-        return self.gap_head(hidden[left], hidden[left + 1], noise_level)
+        the input's `s'` (`[rows]`, or one float for every row), read only by a noise-conditioned gap head.
+
+        Without autograd (sampling) the pairs are one gather from the view `[T - 1, 2, d]` whose row `i` is
+        `(h_i, h_{i+1})`; under it, two gathers (the gradient of `h` then sums its terms in the same order)."""
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return self.gap_head(hidden[left], hidden[left + 1], noise_level)
+        pairs = hidden.unfold(0, 2, 1).transpose(1, 2)  # [T - 1, 2, d], a view of hidden
+        return self.gap_head.pair_logits(pairs[left], noise_level)
 
     def forward(
         self,

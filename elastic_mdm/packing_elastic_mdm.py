@@ -23,13 +23,19 @@ class PackedSequences:
 
     @classmethod
     def from_cu_seqlens(
-        cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None, num_tokens: int | None = None
+        cls,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None = None,
+        num_tokens: int | None = None,
+        sequence_ids: torch.Tensor | None = None,
     ) -> PackedSequences:
-        """Give `max_seqlen` and `num_tokens` when known, so that nothing is read back from the device."""
+        """Give `max_seqlen` and `num_tokens` when known, so that nothing is read back from the device, and the
+        `sequence_ids` `[tokens]` (int64) when the caller has them."""
         cu_seqlens = cu_seqlens.to(torch.int32)
         num_tokens = int(cu_seqlens[-1]) if num_tokens is None else num_tokens
         tokens = torch.arange(num_tokens, device=cu_seqlens.device, dtype=torch.int32)
-        sequence_ids = torch.searchsorted(cu_seqlens[1:], tokens, right=True)  # [tokens]
+        if sequence_ids is None:
+            sequence_ids = torch.searchsorted(cu_seqlens[1:], tokens, right=True)  # [tokens]
         position_ids = (tokens - cu_seqlens[sequence_ids]).long()  # [tokens]
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -103,16 +103,20 @@ def tokens_per_forward(output: ElasticMDMGenerateOutput, input_lengths: torch.Te
     return generated / passes if passes else 0.0
 
 
-def sample_categorical(logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None) -> torch.Tensor:
+def sample_categorical(
+    logits: torch.Tensor, do_sample: bool, generator: torch.Generator | None, overwrite: bool = False
+) -> torch.Tensor:
     """One draw per row of `softmax(logits)` (`argmax` when not sampling).
 
     Exponential race: `argmax_v p_v / E_v` with `E_v ~ Exp(1)` is a draw of `p` (the Gumbel-max trick after `exp`).
     It is what `torch.multinomial(p, 1)` computes, draw for draw, without its validity check, which reads the
-    device back (a host sync per step on CUDA)."""
+    device back (a host sync per step on CUDA). With `overwrite` (the caller never reads `logits` again), the race
+    is drawn into the float32 `logits` once `p` is computed: the same draws, with no buffer of its own."""
     if not do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float(), dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    buffer = logits if overwrite and logits.dtype == torch.float32 else torch.empty_like(probs)
+    race = buffer.exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .device_reads_elastic_mdm import per_sequence_sum
 from .packing_elastic_mdm import cu_seqlens_from_lengths
@@ -104,19 +105,30 @@ def insert_masks(
 
     New masks inherit the open flag of their gap (they sit inside an open gap). `total`, the new token count, is
     read from the device when not given; `lengths`, the new lengths `[B]`, computed when not given; `repeats`
-    `[T]`, `counts + 1`, when the caller has it (then `counts` may be `None` if `total` and `lengths` are given).
+    `[T + 1]` as `spread_tokens` takes it, when the caller has it (then `counts` may be `None` if `total` and
+    `lengths` are given).
     """
-    repeats = counts + 1 if repeats is None else repeats  # [T]
-    new_rows = repeats.cumsum(0) - repeats  # [T] where old token i lands
+    if repeats is None:
+        repeats = F.pad(counts + 1, (1, 0), value=1)  # [T + 1]
     if total is None:
         total = state.tokens.numel() + int(counts.sum())
-    tokens = torch.full((total,), mask_token_id, dtype=state.tokens.dtype, device=state.tokens.device)
-    tokens[new_rows] = state.tokens
+    tokens, source = spread_tokens(state.tokens, repeats, mask_token_id, total)
     if lengths is None:
         lengths = state.lengths + per_sequence_sum(counts, state.sequence_ids, state.lengths.numel())
-    source = torch.repeat_interleave(repeats, output_size=total)  # [total] one index for every per-token tensor
-    new_state = ActiveState(tokens, state.sequence_ids[source], state.open_after[source], lengths)
-    return new_state, source
+    return ActiveState(tokens, state.sequence_ids[source], state.open_after[source], lengths), source
+
+
+def spread_tokens(
+    tokens: torch.Tensor, repeats: torch.Tensor, mask_token_id: int, total: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stream `[total]` of `tokens` `[T]` with `repeats[i + 1] - 1` masks after token `i`, and the old row
+    `source` `[total]` of every new row. `repeats` `[T + 1]` is a leading 1, then `1 + masks after token i`: its
+    running sums `1 + Σ_{j<i} repeats[j + 1]` are one more than the new row of token `i`, so the tokens are
+    scattered into a stream one row longer whose tail is the new one (no subtraction)."""
+    landing = repeats.cumsum(0)[:-1]  # [T] 1 + where token i lands
+    spread = torch.full((total + 1,), mask_token_id, dtype=tokens.dtype, device=tokens.device)
+    spread[landing] = tokens
+    return spread[1:], torch.repeat_interleave(repeats[1:], output_size=total)
 
 
 def cap_insertions(
@@ -186,11 +198,17 @@ def parse_template(template: list[int], bos: int, eos: int, mask: int, name: str
     return ids[~marker].tolist(), open_after.tolist()
 
 
-def sample_binomial(count: torch.Tensor, prob: float, generator: torch.Generator | None) -> torch.Tensor:
-    """`m ~ Binomial(count, prob)` elementwise (exact at prob 0 and 1)."""
+def sample_binomial(
+    count: torch.Tensor, prob: float, generator: torch.Generator | None, on_device: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`m ~ Binomial(count, prob)` elementwise (exact at prob 0 and 1); `on_device`, `prob` in a 0-dim float32
+    device tensor when the caller has one (read through a broadcast view: the same draws, no fill)."""
     if prob >= 1.0:
         return count
     if prob <= 0.0:
         return torch.zeros_like(count)
-    p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
+    if on_device is None:
+        p = torch.full(count.shape, prob, dtype=torch.float32, device=count.device)
+    else:
+        p = on_device.expand(count.shape)
     return torch.binomial(count.float(), p, generator=generator).long()

@@ -68,7 +68,9 @@ class RevealSchedule:
     def __call__(self, k: torch.Tensor | int, num_steps: torch.Tensor | int) -> torch.Tensor:
         """`F(k)` in float64 for integer steps `k` (any shape) and horizon `K = num_steps`; `F(-1) := 0`."""
         k = torch.as_tensor(k, dtype=torch.float64)
-        t = (k / torch.as_tensor(num_steps, dtype=torch.float64, device=k.device)).clamp(0.0, 1.0)  # k/K
+        if not isinstance(num_steps, int | float):
+            num_steps = torch.as_tensor(num_steps, dtype=torch.float64, device=k.device)
+        t = (k / num_steps).clamp(0.0, 1.0)  # k/K (a host K divides as a number: nothing is copied to the device)
         if self.name == "linear":
             f = t
         elif self.name == "cosine":
@@ -79,13 +81,13 @@ class RevealSchedule:
             f = t**self.p
         else:  # clipped
             f = ((t - (1.0 - self.omega)) / (self.omega - self.beta)).clamp(0.0, 1.0)
-        f = torch.where(k <= 0, torch.zeros_like(f), f)  # F(0) = 0 exactly (and F(-1) = 0)
-        return torch.where(t >= 1.0, torch.ones_like(f), f)  # F(K) = 1 exactly
+        f = f.masked_fill(k <= 0, 0.0)  # F(0) = 0 exactly (and F(-1) = 0)
+        return f.masked_fill(t >= 1.0, 1.0)  # F(K) = 1 exactly
 
     def table(self, num_steps: int, device: torch.device | str | None = None) -> torch.Tensor:
         """`[F(0), ..., F(K)]` as a float64 tensor of shape `[K + 1]`, `1 <= K <= MAX_NUM_STEPS`."""
         check_num_steps(num_steps)
-        return self(torch.arange(num_steps + 1, device=device), num_steps)
+        return self(torch.arange(num_steps + 1, device=device, dtype=torch.float64), num_steps)
 
 
 def get_schedule(schedule: str | RevealSchedule = "linear", **params: float) -> RevealSchedule:
@@ -101,7 +103,7 @@ def reveal_probability(f_now: torch.Tensor, f_next: torch.Tensor) -> torch.Tenso
     """Share of the still-removed positions revealed next step: `q = (F(k+1) - F(k)) / (1 - F(k))`; 0 once F(k) = 1
     (nothing is left to reveal, so no insertion and no pass)."""
     remaining = 1.0 - f_now
-    return torch.where(remaining > 0, (f_next - f_now) / remaining.clamp_min(1e-300), torch.zeros_like(f_now))
+    return ((f_next - f_now) / remaining.clamp_min(1e-300)).masked_fill(remaining <= 0, 0.0)
 
 
 @dataclass

@@ -183,29 +183,44 @@ class Stepper:
         totals = values.cumsum(0)
         return torch.stack([totals[cohort.start + cohort.size - 1] for cohort in self.cohorts])
 
-    def encode(self, dirty: torch.Tensor, work: PassWork, levels: torch.Tensor | float, live: list[Cohort]) -> None:
+    def encode(
+        self,
+        dirty: torch.Tensor,
+        work: PassWork,
+        levels: torch.Tensor | float,
+        live: list[Cohort],
+        rows: torch.Tensor | None = None,
+    ) -> None:
         """Run the denoiser on the sequences flagged `dirty` `[B]` (`work` says how many, their tokens and the
-        longest), each at its noise level, and replace their rows of `hidden` `[T, H]`. Every index is taken at a
-        host-known size."""
+        longest), each at its noise level, and replace their rows of `hidden` `[T, H]` (`rows` `[work.tokens]`,
+        when the caller has them). Every index is taken at a host-known size."""
         state, hidden = self.state, self.hidden
         if hidden is None or work.sequences == dirty.numel():
             rows, lengths, tokens, selected = None, state.lengths, state.tokens, None
         else:
             selected = rows_where(dirty, work.sequences)  # [S]
             lengths = state.lengths[selected]
-            rows = rows_where(dirty[state.sequence_ids], work.tokens)  # [work.tokens]
+            if rows is None:
+                rows = rows_where(dirty[state.sequence_ids], work.tokens)  # [work.tokens]
             tokens = state.tokens[rows]
         if isinstance(levels, float):
             level = torch.full((lengths.numel(),), levels, device=tokens.device)
         else:
             level = levels if selected is None else levels[selected]
-        features = self.denoiser.diffusion_features(tokens, PackedSequences.from_cu_seqlens(
-            cu_seqlens_from_lengths(lengths), work.longest, work.tokens), level)  # fmt: skip
+        packed = PackedSequences.from_cu_seqlens(  # a pass of every sequence: the state's sequence ids are its own
+            cu_seqlens_from_lengths(lengths), work.longest, work.tokens, state.sequence_ids if rows is None else None
+        )
+        features = self.denoiser.diffusion_features(tokens, packed, level)
         self.num_passes += 1
         self.tokens_processed += work.tokens
         self.sequence_passes += dirty
         self.count_pass(dirty, work, live)
-        self.hidden = features if rows is None else hidden.index_copy(0, rows, features.to(hidden.dtype))
+        self.hidden = features if rows is None else self.rewrite_rows(rows, features.to(hidden.dtype))
+
+    def rewrite_rows(self, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """`hidden` with its `rows` `[R]` replaced by `features` `[R, H]` (a copy: `hidden` may be a pass's own
+        output, which a CUDA graph rewrites at its next replay)."""
+        return self.hidden.index_copy(0, rows, features)
 
     def count_pass(self, dirty: torch.Tensor, work: PassWork, live: list[Cohort]) -> None:
         """Charge a pass to the cohorts it encoded: on the host when one cohort runs, else on the device."""
