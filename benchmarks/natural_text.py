@@ -4,7 +4,8 @@ scorer: `benchmarks/scorer.py`, every run: `benchmarks/natural_text.sh`).
     python -m benchmarks.natural_text steps  outputs/kjv/E-1.25X outputs/kjv/M-1.25X --output fig2.jsonl
     python -m benchmarks.natural_text curve  outputs/kjv/R-lr0.001/checkpoint-* --output curve.jsonl
     python -m benchmarks.natural_text schedules outputs/kjv/E-1024 --output fig4.jsonl
-    python -m benchmarks.natural_text chart fig2.jsonl --output docs/natural_text_pareto.png
+    python -m benchmarks.natural_text chart fig2.jsonl --output docs/natural_text/pareto.png
+    python -m benchmarks.natural_text table fig2.jsonl          # a Markdown table of the rows
 
 * `steps` (Fig. 2): per checkpoint, sampler (Elastic: the paper's and the length-locked one; MDLM's) and K of
   `--steps` (linear): `--num_samples` unconditional samples scored by the fixed scorer (gen-PPL), their unigram
@@ -34,6 +35,7 @@ from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.evaluation.lengths import ks_statistic, wasserstein1
 from elastic_mdm.evaluation.nelbo import nelbo_report
 from elastic_mdm.evaluation.perplexity import generative_perplexity, load_causal_lm
+from elastic_mdm.evaluation.reports import markdown_table
 from elastic_mdm.evaluation.samples import draw_samples, sample_entropy
 from elastic_mdm.schedules_elastic_mdm import get_schedule
 
@@ -193,16 +195,37 @@ def chart_command(args: argparse.Namespace) -> None:
                 ax.annotate(f"K={r['K']}", (r[f"ms_b{batch}"], r["gen_ppl"]), fontsize=7)
         if floor is not None:
             ax.axhline(floor, color="grey", linestyle="--", label="test split")
-        ax.set(xscale="log", xlabel=f"ms per sample (batch {batch})", ylabel="gen-PPL (scorer)")
+        ax.set(xscale="log", yscale="log", xlabel=f"ms per sample (batch {batch})", ylabel="gen-PPL (scorer)")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(plt.NullFormatter())
+            axis.set_major_formatter(plt.ScalarFormatter())
         ax.legend(fontsize=8)
     save(fig, plt, args.output)
 
 
+def flat(row: dict) -> dict:
+    """A curve row's per-sampler dicts spread into `sampler.field` columns, the checkpoint folder shortened."""
+    out = {"checkpoint": "/".join(Path(row["checkpoint"]).parts[-2:])}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out |= {f"{key}.{k}": v for k, v in value.items()}
+        elif key != "checkpoint":
+            out[key] = value
+    return out
+
+
+def table_command(args: argparse.Namespace) -> None:
+    """The rows of JSONL files as one Markdown table (the tables of docs/quality.md "Natural text")."""
+    rows = [flat(json.loads(line)) for path in args.checkpoints for line in open(path)]
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    print(markdown_table(rows, columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["steps", "curve", "schedules", "chart"])
-    parser.add_argument("checkpoints", nargs="+", help="Checkpoint folders (chart: JSONL files).")
-    parser.add_argument("--output", required=True, help="JSON lines (appended); chart: the PNG.")
+    parser.add_argument("command", choices=["steps", "curve", "schedules", "chart", "table"])
+    parser.add_argument("checkpoints", nargs="+", help="Checkpoint folders (chart, table: JSONL files).")
+    parser.add_argument("--output", default="natural_text.jsonl", help="JSON lines (appended); chart: the PNG.")
     parser.add_argument("--scorer", default="outputs/kjv/scorer")
     parser.add_argument("--test_file", default="outputs/kjv/verses/test.txt")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64, 128])
@@ -211,8 +234,8 @@ def main() -> None:
     parser.add_argument("--nelbo_draws", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    if args.command == "chart":
-        return chart_command(args)
+    if args.command in ("chart", "table"):
+        return chart_command(args) if args.command == "chart" else table_command(args)
     commands = {"steps": steps_command, "curve": curve_command, "schedules": schedules_command}
     commands[args.command](Context(args))
 
