@@ -1,4 +1,4 @@
-"""Converters (issue 4): MDLM and LLaDA checkpoints in their original layouts -> Elastic-MDM folders.
+"""Converters: MDLM and LLaDA checkpoints in their original layouts -> Elastic-MDM folders.
 
 Tiny checkpoints are written with the real config.json field names and tensor keys (design §7). The reference forwards
 below re-implement each source architecture from its own conventions, on the raw source state dict, independently of
