@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import tiny_model_for
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks import natural_text
 from benchmarks.bible_corpus import read_verses, split_chapters, write_corpus
-from elastic_mdm import ElasticMDMConfig, ElasticMDMForDiffusionLM
 from elastic_mdm.data.synthetic import build_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,13 +94,7 @@ def tiny_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("natural")
     lines = [v.split(" ", 1)[1] for v in VERSES]
     tokenizer = build_tokenizer(texts=lines * 4, vocab_size=300)
-    torch.manual_seed(0)
-    config = ElasticMDMConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=48, mask_token_id=tokenizer.mask_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    ElasticMDMForDiffusionLM(config).save_pretrained(root / "elastic")
+    tiny_model_for(tokenizer).save_pretrained(root / "elastic")
     tokenizer.save_pretrained(root / "elastic")
     scorer = GPT2LMHeadModel(
         GPT2Config(
