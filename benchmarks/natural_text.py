@@ -187,10 +187,14 @@ def chart_command(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for path in args.checkpoints for line in open(path)]
     floor = next((r["gen_ppl"] for r in rows if r.get("sampler") == "data"), None)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lines = sorted({(r["checkpoint"], r["sampler"]) for r in rows if "K" in r})
+    named = len({checkpoint for checkpoint, _ in lines}) > 1  # name the model too when there are several
     for ax, batch in zip(axes, (1, 16), strict=True):
-        for name in sorted({r["sampler"] for r in rows if "K" in r}):
-            line = sorted((r for r in rows if r.get("sampler") == name and "K" in r), key=lambda r: r["K"])
-            ax.plot([r[f"ms_b{batch}"] for r in line], [r["gen_ppl"] for r in line], marker="o", label=name)
+        for checkpoint, name in lines:
+            line = sorted((r for r in rows if (r["checkpoint"], r.get("sampler")) == (checkpoint, name) and "K" in r),
+                          key=lambda r: r["K"])  # fmt: skip
+            label = f"{Path(checkpoint).name} {name}" if named else name
+            ax.plot([r[f"ms_b{batch}"] for r in line], [r["gen_ppl"] for r in line], marker="o", label=label)
             for r in line:
                 ax.annotate(f"K={r['K']}", (r[f"ms_b{batch}"], r["gen_ppl"]), fontsize=7)
         if floor is not None:

@@ -24,7 +24,8 @@ training() {
   train M-X "${MDLM[@]}" --max_steps 360                  # the retrofit's source: MDLM for X
   train E-1.25X --max_steps 3400                          # Elastic from scratch, 1.25 X
   train M-1.25X "${MDLM[@]}" --max_steps 450              # MDLM, 1.25 X
-  train E-1.25X-gap0.5 --max_steps 3400 --gap_loss_weight 0.5   # ablation: a lighter gap loss for token quality
+  train E-1.25X-gap0.5 --max_steps 3400 --gap_loss_weight 0.5       # ablation rows: a lighter gap loss,
+  train E-1.25X-uniform --max_steps 3400 --token_mask_share uniform  # more token targets per example
   for lr in 0.001 0.0003; do                              # the retrofit: M-X fine-tuned as Elastic for X / 4
     train "R-lr$lr" --model_name_or_path "$OUT/M-X" --max_steps 680 --learning_rate $lr --warmup_steps 20 \
       --save_strategy steps --save_steps 100 --save_only_model true
@@ -38,7 +39,7 @@ score() {  # docs/quality.md's tables and chart from the checkpoints above
   "${NT[@]}" steps "$OUT/E-1.25X" "$OUT/M-1.25X" --output "$OUT/fig2.jsonl"
   "${NT[@]}" curve "$OUT/M-X" "$OUT"/R-lr0.001/checkpoint-{200,400,600} "$OUT/R-lr0.001" \
     "$OUT"/R-lr0.0003/checkpoint-{200,400,600} "$OUT/R-lr0.0003" --steps 64 --output "$OUT/curve.jsonl"
-  "${NT[@]}" curve "$OUT/E-1.25X" "$OUT/E-1.25X-gap0.5" --steps 64 --output "$OUT/ablation.jsonl"
+  "${NT[@]}" curve "$OUT/E-1.25X" "$OUT/E-1.25X-gap0.5" "$OUT/E-1.25X-uniform" --steps 64 --output "$OUT/ablation.jsonl"
   "${NT[@]}" schedules "$OUT/E-1024" --steps 128 --repeats 2 --output "$OUT/fig4.jsonl"
   "${NT[@]}" chart "$OUT/fig2.jsonl" --output docs/natural_text/pareto.png
 }

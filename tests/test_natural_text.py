@@ -152,3 +152,18 @@ def test_a_test_line_longer_than_the_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "t.txt").write_text("a b c a b c a b c\n")
     with pytest.raises(ValueError, match="more than the model's 4"):
         natural_text.test_split(tokenizer, tmp_path / "t.txt", 4)
+
+
+def test_the_chart_draws_one_line_per_model_and_sampler(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [{"checkpoint": "test split", "sampler": "data", "gen_ppl": 60.0}]
+    rows += [{"checkpoint": f"out/{model}", "sampler": "paper", "K": k, "gen_ppl": 100.0 / k + i, "ms_b1": k,
+              "ms_b16": k / 4} for i, model in enumerate(("a", "b")) for k in (8, 16)]  # fmt: skip
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plotted = []
+    monkeypatch.setattr("matplotlib.axes.Axes.plot", lambda self, x, y, **kw: plotted.append((kw["label"], x, y)))
+    argv = ["natural_text", "chart", str(tmp_path / "rows.jsonl"), "--output", str(tmp_path / "chart.png")]
+    monkeypatch.setattr(sys, "argv", argv)
+    natural_text.main()
+    assert (tmp_path / "chart.png").stat().st_size > 0
+    assert plotted[:2] == [("a paper", [8, 16], [12.5, 6.25]), ("b paper", [8, 16], [13.5, 7.25])]
