@@ -24,19 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from transformers import AutoTokenizer
 
+from benchmarks.scorer import lines
+from benchmarks.timing import time_calls
 from elastic_mdm import ElasticMDMForDiffusionLM
 from elastic_mdm.evaluation.lengths import ks_statistic, wasserstein1
 from elastic_mdm.evaluation.nelbo import nelbo_report
 from elastic_mdm.evaluation.perplexity import generative_perplexity, load_causal_lm
 from elastic_mdm.evaluation.reports import markdown_table
-from elastic_mdm.evaluation.samples import draw_samples, sample_entropy
+from elastic_mdm.evaluation.samples import draw_samples, sample_entropy, special_ids
 from elastic_mdm.schedules_elastic_mdm import get_schedule
 
 ELASTIC_SAMPLERS = {"elastic-paper": {"lock_length": False}, "elastic-locked": {"lock_length": True}}
@@ -46,7 +47,7 @@ FIG4_SCHEDULES = {"linear": {}, "p-linear": {"p": 2.0}, "exponential": {}}
 
 def test_split(tokenizer, path: Path, max_length: int) -> Dataset:
     """The test lines tokenized (`BOS text EOS`); a line longer than `max_length` is an error, not truncated."""
-    ids = tokenizer([line for line in path.read_text().splitlines() if line.strip()])["input_ids"]
+    ids = tokenizer(lines(path))["input_ids"]
     longest = max(map(len, ids))
     if longest > max_length:
         raise ValueError(f"A line of {path} has {longest} tokens, more than the model's {max_length}.")
@@ -60,24 +61,21 @@ def samplers_of(model) -> dict[str, dict]:
 
 def median_ms_per_sample(model, batch: int, repeats: int, **kwargs) -> float:
     """Median wall time of `generate(num_return_sequences=batch)` over `repeats` calls (one warm-up), per sample."""
-    seconds = []
-    for i in range(repeats + 1):
-        generator = torch.Generator(device=model.device).manual_seed(i)
-        start = time.perf_counter()
-        model.generate(num_return_sequences=batch, generator=generator, **kwargs)
-        seconds.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(seconds[1:]) / batch
+    generator = torch.Generator(device=model.device).manual_seed(0)  # each call draws on from the last
+    seconds = time_calls(
+        lambda: model.generate(num_return_sequences=batch, generator=generator, **kwargs), model.device, 1, repeats
+    )
+    return 1e3 * statistics.median(seconds) / batch
 
 
 def quality_row(model, tokenizer, scorer, data_lengths: torch.Tensor, num_samples: int, **kwargs) -> dict:
     """gen-PPL, entropy (nats) and length distances of `num_samples` seeded unconditional samples."""
     generator = torch.Generator(device=model.device).manual_seed(0)
     samples = draw_samples(model, tokenizer, num_samples, batch_size=64, generator=generator, **kwargs)
-    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id)
     ppl = generative_perplexity(samples.texts, *scorer, batch_size=64)
     return {
         "gen_ppl": round(ppl["gen_ppl"], 2),
-        "entropy": round(sample_entropy(samples.ids, special)["entropy_mean"], 3),
+        "entropy": round(sample_entropy(samples.ids, special_ids(tokenizer))["entropy_mean"], 3),
         "mean_length": round(float(samples.lengths.double().mean()), 2),
         "w1": round(wasserstein1(samples.lengths, data_lengths), 3),
         "ks": round(ks_statistic(samples.lengths, data_lengths), 4),
@@ -94,12 +92,11 @@ def nelbo_bits(model, dataset: Dataset, num_steps: int, draws: int) -> float:
 def data_row(tokenizer, scorer, dataset: Dataset) -> dict:
     """The test split scored as if it were samples: the floor every gen-PPL and entropy reads against."""
     ids = [list(i) for i in dataset["input_ids"]]
-    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     lengths = torch.tensor([len(i) for i in ids])
     return {"checkpoint": "test split", "sampler": "data",
             "gen_ppl": round(generative_perplexity(texts, *scorer, batch_size=64)["gen_ppl"], 2),
-            "entropy": round(sample_entropy(ids, special)["entropy_mean"], 3),
+            "entropy": round(sample_entropy(ids, special_ids(tokenizer))["entropy_mean"], 3),
             "mean_length": round(float(lengths.double().mean()), 2)}  # fmt: skip
 
 
@@ -154,9 +151,9 @@ def curve_command(ctx: Context) -> None:
         ctx.write(row)
 
 
-def cost_model(schedule: str, num_steps: int, length: int, **params: float) -> dict[str, float]:
-    """`L^2 Σ_{k<K} F(k)^2` (Elastic: the pass at step k holds about F(k) L of the final L positions... plus the
-    masks it inserts, so the passes are F(k + 1) L long) and MDLM's `L^2 K`, as multiples of `L^2`."""
+def cost_model(schedule: str, num_steps: int, **params: float) -> dict[str, float]:
+    """Attention cost in units of `L^2`: Elastic-MDM's `Σ_{k=1..K} F(k)^2` (its pass at step k holds about
+    `F(k) L` of the final `L` positions) and MDLM's `K` (a full canvas per pass)."""
     table = get_schedule(schedule, **params).table(num_steps)  # [K + 1]
     return {"elastic_cost": round(float((table[1:] ** 2).sum()), 3), "mdlm_cost": float(num_steps)}
 
@@ -175,7 +172,7 @@ def schedules_command(ctx: Context) -> None:
                    "ms_per_sequence": round(median_ms_per_sample(model, 1, args.repeats, **kwargs), 1),
                    "mean_length": round(float(out.lengths.double().mean()), 1),
                    "passes": round(float(out.sequence_passes.double().mean()), 1),
-                   **cost_model(schedule, k, length, **params)}  # fmt: skip
+                   **cost_model(schedule, k, **params)}  # fmt: skip
             ctx.write(row)
 
 

@@ -48,7 +48,7 @@ from ..evaluation.nelbo import heldout_batches, nelbo_report
 from ..evaluation.perplexity import generative_perplexity, load_causal_lm
 from ..evaluation.plots import save_length_histogram, save_sweep_chart, save_trajectory_plot
 from ..evaluation.reports import markdown_table, write_reports
-from ..evaluation.samples import draw_samples, sample_entropy, write_samples
+from ..evaluation.samples import draw_samples, sample_entropy, special_ids, write_samples
 from ..evaluation.structured import (
     StructuredTask,
     builtin_structured_tasks,
@@ -202,8 +202,8 @@ def sample_metrics(model, tokenizer, data_lengths, args: EvaluationArguments, sc
         **args.sampling_kwargs(),
     )  # fmt: skip
     write_samples(samples, output_dir / "samples.jsonl")
-    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id)
-    out: dict[str, Any] = {"samples": {"num_samples": args.num_samples, **sample_entropy(samples.ids, specials)}}
+    entropy = sample_entropy(samples.ids, special_ids(tokenizer))
+    out: dict[str, Any] = {"samples": {"num_samples": args.num_samples, **entropy}}
     out["samples"]["tokens_per_forward"] = samples.tokens_per_forward  # generated tokens per denoiser pass
     out["trajectory_png"] = str(trajectory_plot(model, args, output_dir / "trajectory.png"))
     if scorer is not None:

@@ -83,6 +83,11 @@ def unigram_entropy(tokens: Sequence[int] | torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
+def special_ids(tokenizer) -> tuple[int | None, ...]:
+    """The ids `sample_entropy` leaves out: BOS, EOS, pad and mask (`None` where the tokenizer has none)."""
+    return (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id)
+
+
 def sample_entropy(sequences: Sequence[Sequence[int]], exclude_ids: Iterable[int | None] = ()) -> dict[str, float]:
     """Unigram entropy of samples (nats), the ids in `exclude_ids` (BOS, EOS, pad, mask) left out:
     `entropy_mean` the mean over samples of each sample's entropy, `entropy_pooled` the entropy of all tokens
@@ -96,4 +101,12 @@ def sample_entropy(sequences: Sequence[Sequence[int]], exclude_ids: Iterable[int
     }
 
 
-__all__ = ["Samples", "decode_samples", "draw_samples", "sample_entropy", "unigram_entropy", "write_samples"]
+__all__ = [
+    "Samples",
+    "decode_samples",
+    "draw_samples",
+    "sample_entropy",
+    "special_ids",
+    "unigram_entropy",
+    "write_samples",
+]
