@@ -419,7 +419,9 @@ def test_an_mdlm_checkpoint_is_served_the_same_way(tmp_path) -> None:
         assert client.completions.create(**ask).choices[0].text == direct(folder, "w5 w6", 3, 6, 5)
         infill = client.completions.create(**{**ask, "suffix": "w9"}).choices[0].text
         assert len(infill.split()) <= 6
-        request = {"prompt": "w5", "max_tokens": 6, "num_steps": 4, "seed": 0, "stream": True,
+        # a client slower than the steps gets only the latest draft (they never queue up): over 64 steps the last of
+        # 6 positions is revealed late, so the first draft the client takes still shows masks however late it reads
+        request = {"prompt": "w5", "max_tokens": 6, "num_steps": 64, "seed": 0, "stream": True,
                    "stream_options": {"include_drafts": True}}  # fmt: skip
         stream = post(live, "/v1/completions", request, key=None)
         drafts = [json.loads(line[5:])["choices"][0]["draft"] for line in stream.text.splitlines() if '"draft"' in line]
